@@ -1,0 +1,65 @@
+"""The ``deploykit`` command: parse, call one function, print, map errors to exit codes.
+
+Each group of subcommands lives in its own module under ``deploykit.commands`` and registers
+itself on the app through ``register(app)``. Errors are caught in one place (``main``).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+from rich.console import Console
+
+from deploykit import __version__
+from deploykit.commands import COMMAND_MODULES
+from deploykit.errors import DeployKitError
+
+app = typer.Typer(
+    name="deploykit",
+    help="Deploy quantized LLMs with vLLM behind MQTT.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+for _module in COMMAND_MODULES:
+    _module.register(app)
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"deploykit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version_callback, is_eager=True, help="Print the version."
+    ),
+) -> None:
+    """Deploy quantized LLMs with vLLM behind MQTT."""
+
+
+def report_error(err: DeployKitError, console: Console | None = None) -> None:
+    """Print an error and its hint the same way everywhere."""
+    console = console or Console(stderr=True, highlight=False, soft_wrap=True)
+    console.print(f"[bold red]error:[/] {err.message}", markup=True)
+    if err.hint:
+        console.print(f"[bold yellow]hint:[/] {err.hint}", markup=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the console script. Usage errors exit 2 (click's own handling)."""
+    try:
+        app(args=argv)
+    except DeployKitError as err:
+        report_error(err)
+        sys.exit(err.exit_code)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,13 @@
+"""Subcommands of the ``deploykit`` CLI, one module per group.
+
+Each module exposes ``register(app)``; ``deploykit.cli`` calls them in this order, which is also
+the order ``deploykit --help`` lists them in.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+from deploykit.commands import bridge, core, preflight, stack
+
+COMMAND_MODULES: tuple[ModuleType, ...] = (core, preflight, stack, bridge)
