@@ -1,0 +1,160 @@
+#!/usr/bin/env python3
+"""Generate a random-weight Llama checkpoint (plus a BPE tokenizer and a chat template) for tests
+and benchmarks of the vLLM CPU server.
+
+Run with any Python that has torch, transformers and tokenizers (e.g. the vLLM CPU venv):
+
+    $DEPLOYKIT_VLLM_PYTHON benchmarks/make_model.py --tiny  OUT_DIR   # tests: ~0.2M params, loads fast
+    $DEPLOYKIT_VLLM_PYTHON benchmarks/make_model.py --bench OUT_DIR   # benchmark: ~120M params
+
+Sizes:
+  --tiny   hidden 128, intermediate 256, 2 layers, 2 heads (head_dim 64), 1 KV head.
+  --bench  hidden 1024, intermediate 4096, 8 layers, 16 heads (head_dim 64), 4 KV heads (~120M
+           params, bf16). Decoding is bound by weight reads, like a real LLM's.
+Both use a ~512-token byte-level BPE tokenizer trained on the spot. head_dim is 64 because vLLM's
+CPU attention backend needs it. The output is deterministic for a given --seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+SIZES: dict[str, dict[str, int]] = {
+    "tiny": {
+        "hidden_size": 128,
+        "intermediate_size": 256,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "max_position_embeddings": 1024,
+    },
+    "bench": {
+        "hidden_size": 1024,
+        "intermediate_size": 4096,
+        "num_hidden_layers": 8,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 4,
+        "max_position_embeddings": 2048,
+    },
+}
+
+VOCAB_SIZE = 512
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+
+# A plain chat template: one role marker per message, <|end|> after each, and the assistant marker
+# as the generation prompt. Generation stops at </s> or <|end|> (generation_config eos ids).
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>\\n' + message['content'] + '<|end|>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
+)
+
+_WORDS = (  # noqa: SIM905
+    "the a an of to in and or is are was were be been have has had do does did will would can "
+    "could should may might must shall maze wall door key room north south east west left right "
+    "up down hello world question answer model bridge message session project robot game tutor "
+    "light dark red green blue one two three four five six seven eight nine ten time day night "
+    "please thank you what why how when where who which this that these those it they we he she "
+    "go come see look find take give open close start stop run walk turn move path exit enter"
+).split()
+
+
+def _corpus(n_lines: int = 4000) -> list[str]:
+    import random
+
+    rng = random.Random(1234)
+    lines = []
+    for _ in range(n_lines):
+        k = rng.randint(4, 16)
+        words = [rng.choice(_WORDS) for _ in range(k)]
+        lines.append(" ".join(words) + rng.choice([".", "?", "!", ","]))
+    # Digits and punctuation so every byte sequence tokenizes sensibly.
+    lines.append("0 1 2 3 4 5 6 7 8 9 , . ; : ! ? ' \" ( ) [ ] { } - _ + = / \\ * & % $ # @")
+    return lines
+
+
+def build_tokenizer(out: Path) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_corpus(), trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="</s>",
+        additional_special_tokens=SPECIAL_TOKENS[3:],
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    fast.model_max_length = 1 << 20
+    fast.save_pretrained(str(out))
+    # Older transformers keep the template only in tokenizer_config.json; write it explicitly too.
+    cfg_path = out / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["chat_template"] = CHAT_TEMPLATE
+    cfg_path.write_text(json.dumps(cfg, indent=2))
+
+
+def build_model(out: Path, size: str, seed: int) -> int:
+    import torch
+    from transformers import (
+        GenerationConfig,
+        LlamaConfig,
+        LlamaForCausalLM,
+        PreTrainedTokenizerFast,
+    )
+
+    tok = PreTrainedTokenizerFast.from_pretrained(str(out))
+    dims = SIZES[size]
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        head_dim=64,
+        rms_norm_eps=1e-5,
+        bos_token_id=tok.convert_tokens_to_ids("<s>"),
+        eos_token_id=[tok.convert_tokens_to_ids("</s>"), tok.convert_tokens_to_ids("<|end|>")],
+        tie_word_embeddings=False,
+        torch_dtype="bfloat16",
+        **dims,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(str(out), safe_serialization=True)
+    GenerationConfig(
+        bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id
+    ).save_pretrained(str(out))
+    return sum(p.numel() for p in model.parameters())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    group = parser.add_mutually_exclusive_group(required=True)
+    group.add_argument("--tiny", action="store_const", dest="size", const="tiny")
+    group.add_argument("--bench", action="store_const", dest="size", const="bench")
+    parser.add_argument("out", type=Path, help="output directory (created)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    build_tokenizer(out)
+    n = build_model(out, args.size, args.seed)
+    print(f"wrote {args.size} Llama ({n / 1e6:.1f}M params) to {out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

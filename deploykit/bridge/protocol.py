@@ -1,0 +1,291 @@
+"""The MQTT protocol: request parsing and validation, reply topics, reply payloads. Pure: bytes in,
+objects out; no I/O.
+
+Requests arrive on ``{project}/user_input`` as JSON (see DESIGN.md). Replies go to the MQTT 5
+Response Topic, else ``replyTopic``, else ``{project}/assistant_response/{sessionId}``: plain text
+by default (legacy clients), or a JSON envelope when the request says ``"format": "json"``. Errors are
+always sent as the JSON envelope (``status: "error"`` and an error code), so they can never be
+mistaken for model text.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
+
+MAX_TOPIC_LENGTH = 256
+MAX_ID_LENGTH = 128
+STREAM_SUFFIX = "/stream"
+
+
+class ErrorCode(StrEnum):
+    PAYLOAD_TOO_LARGE = "payload_too_large"
+    INVALID_UTF8 = "invalid_utf8"
+    INVALID_JSON = "invalid_json"
+    NOT_AN_OBJECT = "not_an_object"
+    INVALID_REQUEST = "invalid_request"  # missing field or wrong type
+    OUT_OF_RANGE = "out_of_range"
+    INVALID_SESSION_ID = "invalid_session_id"
+    INVALID_REPLY_TOPIC = "invalid_reply_topic"
+    OVERRIDE_NOT_ALLOWED = "override_not_allowed"
+    RATE_LIMITED = "rate_limited"
+    MESSAGE_TOO_LONG = "message_too_long"
+    ENGINE_UNAVAILABLE = "engine_unavailable"
+    ENGINE_ERROR = "engine_error"
+    TIMEOUT = "timeout"
+    INTERNAL_ERROR = "internal_error"
+
+
+class ChatRequest(BaseModel):
+    """A validated request. Field names are the wire names (camelCase)."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    sessionId: StrictStr
+    message: StrictStr
+    replyTopic: StrictStr | None = None
+    clientId: StrictStr | None = None
+    requestId: StrictStr | StrictInt | None = None
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    topP: float | None = Field(None, gt=0.0, le=1.0)
+    maxTokens: StrictInt | None = Field(None, ge=1)
+    systemPrompt: StrictStr | None = None
+    format: Literal["text", "json"] = "text"
+    stream: StrictBool = False
+    probe: StrictBool = False
+
+
+@dataclass(frozen=True)
+class Routing:
+    """Where the reply to a message goes and how it is shaped; known as early as possible so that
+    even a broken request can get an error reply."""
+
+    reply_topic: str | None
+    format: Literal["text", "json"] = "text"
+    request_id: str | None = None
+    session_id: str | None = None
+
+
+@dataclass(frozen=True)
+class Rejection:
+    code: ErrorCode
+    message: str
+    routing: Routing
+
+
+@dataclass(frozen=True)
+class Accepted:
+    request: ChatRequest
+    routing: Routing
+
+    @property
+    def request_id(self) -> str | None:
+        return self.routing.request_id
+
+
+def session_id_problem(session_id: str) -> str | None:
+    """Why a sessionId is not usable (None when it is)."""
+    if not session_id:
+        return "sessionId is empty"
+    if len(session_id) > MAX_ID_LENGTH:
+        return f"sessionId is longer than {MAX_ID_LENGTH} characters"
+    for ch in "/+#":
+        if ch in session_id:
+            return f"sessionId must not contain {ch!r}"
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in session_id):
+        return "sessionId must not contain control characters"
+    return None
+
+
+def reply_topic_problem(project: str, topic: str) -> str | None:
+    """Why a reply topic is refused (None when it is fine): it must be ``{project}/...`` of the
+    request's own project, without wildcards, ``$``, empty levels or control characters, and short
+    enough that its ``/stream`` sub-topic is too."""
+    if not topic:
+        return "the reply topic is empty"
+    if len(topic) > MAX_TOPIC_LENGTH - len(STREAM_SUFFIX):
+        return f"the reply topic is longer than {MAX_TOPIC_LENGTH - len(STREAM_SUFFIX)} characters"
+    if "+" in topic or "#" in topic:
+        return "the reply topic must not contain wildcards ('+', '#')"
+    if "$" in topic:
+        return "the reply topic must not contain '$'"
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in topic):
+        return "the reply topic must not contain control characters"
+    levels = topic.split("/")
+    if levels[0] != project or len(levels) < 2:
+        return f"the reply topic must be inside the project: {project}/..."
+    if any(level == "" for level in levels):
+        return "the reply topic must not have empty levels"
+    if topic == f"{project}/user_input":
+        return "the reply topic must not be the request topic"
+    return None
+
+
+def default_reply_topic(project: str, session_id: str) -> str:
+    return f"{project}/assistant_response/{session_id}"
+
+
+def _routing_hints(
+    project: str, obj: Any, response_topic: str | None
+) -> tuple[Routing, str | None, str | None]:
+    """Best-effort routing from a possibly broken payload. Returns (routing, the topic the client
+    wanted if it was refused, why)."""
+    fields = obj if isinstance(obj, dict) else {}
+    fmt: Literal["text", "json"] = "json" if fields.get("format") == "json" else "text"
+    rid = fields.get("requestId")
+    request_id = str(rid) if isinstance(rid, str | int) and not isinstance(rid, bool) else None
+    if request_id is not None and len(request_id) > MAX_ID_LENGTH:
+        request_id = None
+    sid = fields.get("sessionId")
+    session_id = sid if isinstance(sid, str) and session_id_problem(sid) is None else None
+    default = default_reply_topic(project, session_id) if session_id is not None else None
+    wanted = response_topic
+    if wanted is None and isinstance(fields.get("replyTopic"), str):
+        wanted = fields["replyTopic"]
+    if wanted is None:
+        return Routing(default, fmt, request_id, session_id), None, None
+    problem = reply_topic_problem(project, wanted)
+    if problem is None:
+        return Routing(wanted, fmt, request_id, session_id), None, None
+    return Routing(default, fmt, request_id, session_id), wanted, problem
+
+
+def parse_request(
+    project: str,
+    payload: bytes,
+    *,
+    response_topic: str | None = None,
+    max_payload_bytes: int = 65536,
+    max_message_chars: int = 32000,
+) -> Accepted | Rejection:
+    """Validate one message from ``{project}/user_input``."""
+    too_large = len(payload) > max_payload_bytes
+    utf8_ok = True
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError:
+        utf8_ok = False
+        text = payload.decode("utf-8", errors="replace")
+    obj: Any = None
+    json_ok = False
+    if len(payload) <= 16 * max_payload_bytes:  # parse for routing only within reason
+        try:
+            obj = json.loads(text)
+            json_ok = True
+        except (ValueError, RecursionError):
+            pass
+    routing, refused_topic, topic_problem = _routing_hints(project, obj, response_topic)
+
+    def reject(code: ErrorCode, message: str) -> Rejection:
+        return Rejection(code, message, routing)
+
+    if too_large:
+        return reject(
+            ErrorCode.PAYLOAD_TOO_LARGE,
+            f"the request is {len(payload)} bytes; the limit is {max_payload_bytes}",
+        )
+    if not utf8_ok:
+        return reject(ErrorCode.INVALID_UTF8, "the request is not valid UTF-8")
+    if not json_ok:
+        return reject(ErrorCode.INVALID_JSON, "the request is not valid JSON")
+    if not isinstance(obj, dict):
+        return reject(ErrorCode.NOT_AN_OBJECT, "the request must be a JSON object")
+    if topic_problem is not None:
+        return reject(
+            ErrorCode.INVALID_REPLY_TOPIC, f"refused reply topic {refused_topic!r}: {topic_problem}"
+        )
+    sid = obj.get("sessionId")
+    if isinstance(sid, str):
+        problem = session_id_problem(sid)
+        if problem is not None:
+            return reject(ErrorCode.INVALID_SESSION_ID, problem)
+    try:
+        request = ChatRequest.model_validate(obj)
+    except ValidationError as err:
+        return reject(*_describe_validation(err))
+    if len(request.message) > max_message_chars:
+        return reject(
+            ErrorCode.MESSAGE_TOO_LONG,
+            f"message is {len(request.message)} characters; the limit is {max_message_chars}",
+        )
+    if request.systemPrompt is not None and len(request.systemPrompt) > max_message_chars:
+        return reject(
+            ErrorCode.MESSAGE_TOO_LONG,
+            f"systemPrompt is longer than {max_message_chars} characters",
+        )
+    if not request.message.strip() and not request.probe:
+        return reject(ErrorCode.INVALID_REQUEST, "message is empty")
+    return Accepted(request, routing)
+
+
+def _describe_validation(err: ValidationError) -> tuple[ErrorCode, str]:
+    range_types = {"greater_than", "greater_than_equal", "less_than", "less_than_equal"}
+    parts = []
+    code = ErrorCode.INVALID_REQUEST
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"][:1]) or "request"
+        if e["type"] == "missing":
+            parts.append(f"{loc} is required")
+        elif e["type"] in range_types:
+            code = ErrorCode.OUT_OF_RANGE if code == ErrorCode.INVALID_REQUEST else code
+            parts.append(f"{loc}: {e['msg'].lower()}")
+        else:
+            parts.append(f"{loc} has the wrong type or value ({e['msg'].lower()})")
+    # A type error outranks a range error: report the first problem's kind.
+    first = err.errors()[0]["type"]
+    if first not in range_types:
+        code = ErrorCode.INVALID_REQUEST
+    return code, "; ".join(dict.fromkeys(parts))
+
+
+def envelope(
+    routing: Routing,
+    *,
+    text: str | None = None,
+    error: tuple[str, str] | None = None,
+    usage: dict[str, int] | None = None,
+    model: str | None = None,
+) -> bytes:
+    """The JSON reply envelope."""
+    body: dict[str, Any] = {
+        "requestId": routing.request_id,
+        "sessionId": routing.session_id,
+        "status": "error" if error else "ok",
+        "text": None if error else (text or ""),
+        "error": {"code": error[0], "message": error[1]} if error else None,
+        "usage": usage,
+    }
+    if model is not None:
+        body["model"] = model
+    return json.dumps(body, ensure_ascii=False).encode("utf-8")
+
+
+def ok_payload(
+    routing: Routing, text: str, usage: dict[str, int] | None, model: str | None = None
+) -> bytes:
+    """A successful reply: plain text for legacy clients, the envelope for ``format: json``."""
+    if routing.format == "json":
+        return envelope(routing, text=text, usage=usage, model=model)
+    return text.encode("utf-8")
+
+
+def error_payload(routing: Routing, code: str, message: str) -> bytes:
+    return envelope(routing, error=(code, message))
+
+
+def stream_payload(routing: Routing, seq: int, delta: str) -> bytes:
+    if routing.format == "json":
+        return json.dumps(
+            {
+                "requestId": routing.request_id,
+                "sessionId": routing.session_id,
+                "seq": seq,
+                "delta": delta,
+            },
+            ensure_ascii=False,
+        ).encode("utf-8")
+    return delta.encode("utf-8")
