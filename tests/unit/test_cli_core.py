@@ -81,3 +81,11 @@ def test_render_check_fails_and_lists_files_when_stale(tmp_path: Path) -> None:
     assert "hint: " in result.stderr
     assert deploykit("render", cwd=tmp_path).returncode == 0
     assert deploykit("render", "--check", cwd=tmp_path).returncode == 0
+
+
+def test_readme_matrix_is_generated_from_the_data() -> None:
+    from deploykit.commands.core import matrix_markdown
+
+    readme = (REPO / "README.md").read_text()
+    block = readme.split("<!-- matrix:begin -->\n", 1)[1].split("<!-- matrix:end -->", 1)[0]
+    assert block == matrix_markdown(), "README matrix is stale: paste `deploykit matrix --markdown`"
