@@ -2,8 +2,198 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import typer
+from rich.console import Console
+from rich.table import Table
+
+from deploykit.devices import (
+    GPU_SPEC_HELP,
+    GpuInventory,
+    dumps_inventory,
+    load_inventory,
+    read_inventory,
+    resolve_gpu_spec,
+)
+from deploykit.doctor import Status as CheckStatus
+from deploykit.doctor import default_checks, report_json, run_checks
+from deploykit.errors import CheckFailed, ModelError
+from deploykit.plan import (
+    DEFAULT_GPU_MEMORY_UTILIZATION,
+    Plan,
+    Status,
+    make_plan,
+    parse_length,
+    read_model,
+)
+
+_STATUS_STYLE = {
+    Status.COMPATIBLE: "[green]compatible[/]",
+    Status.LOW_MEMORY: "[yellow]low memory[/]",
+    Status.INCOMPATIBLE: "[red]incompatible[/]",
+}
+_CHECK_STYLE = {
+    CheckStatus.OK: "[green]  ok[/]",
+    CheckStatus.FAIL: "[red]FAIL[/]",
+    CheckStatus.SKIP: "[dim]skip[/]",
+}
+
+
+def gpus_table(inv: GpuInventory) -> Table:
+    d = inv.driver
+    table = Table(title=f"NVIDIA driver {d.driver_version}, CUDA {d.cuda_version}")
+    for col in ("index", "name", "CC", "memory total", "memory free", "MIG", "PCI bus", "UUID"):
+        table.add_column(col, justify="right" if col.startswith(("memory", "CC")) else "left")
+    for g in inv.gpus:
+        mig = "n/a" if g.mig_mode is None else ("on" if g.mig_mode else "off")
+        table.add_row(
+            str(g.index),
+            g.name,
+            f"{g.compute_capability:g}",
+            f"{g.memory_total_gib:.1f} GiB",
+            f"{g.memory_free_gib:.1f} GiB",
+            mig,
+            g.pci_bus_id,
+            g.uuid,
+        )
+    return table
+
+
+def plan_table(plan: Plan) -> Table:
+    m = plan.model
+    table = Table(
+        title=f"{m.path}: {m.architecture}, {m.params / 1e9:.1f}B params, {m.checkpoint.description}; "
+        f"gpu_memory_utilization {plan.gpu_memory_utilization}",
+        show_lines=False,
+    )
+    for col in ("#", "quant", "TP", "KV", "status", "weights GiB", "KV GiB/1k tok", "max len fit"):
+        table.add_column(
+            col, justify="left" if col in ("quant", "KV", "status") else "right", no_wrap=True
+        )
+    table.add_column("why / what to do", overflow="fold")
+    for i, p in enumerate(plan.profiles, 1):
+        table.add_row(
+            str(i),
+            str(p.quant),
+            str(p.tensor_parallel_size),
+            p.kv_cache_dtype,
+            _STATUS_STYLE[p.status],
+            "-" if p.weights_gib is None else f"{p.weights_gib:.1f}",
+            "-" if p.kv_gib_per_1k_tokens is None else f"{p.kv_gib_per_1k_tokens:.3f}",
+            "-" if p.max_model_len_fit is None else str(p.max_model_len_fit),
+            p.reason,
+        )
+    return table
 
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the app."""
+
+    @app.command("gpus")
+    def gpus_command(
+        as_json: bool = typer.Option(False, "--json", help="Print JSON (recordable as test data)."),
+    ) -> None:
+        """List this host's NVIDIA GPUs (NVML): index, UUID, compute capability, memory, MIG, driver.
+
+        Exits 5 when there is no NVIDIA driver.
+        """
+        inv = read_inventory()
+        if as_json:
+            typer.echo(dumps_inventory(inv), nl=False)
+        else:
+            Console().print(gpus_table(inv))
+
+    @app.command("doctor")
+    def doctor_command(
+        as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+        gpu_class: str = typer.Option(
+            "cuda",
+            "--gpu-class",
+            "-c",
+            help="'cpu' leaves out the NVIDIA driver and runtime checks.",
+        ),
+    ) -> None:
+        """Check this host: Docker, compose, NVIDIA driver and runtime, disk, broker. Exit 0 only when all pass."""
+        results = run_checks(default_checks(gpu=gpu_class.strip().lower() != "cpu"))
+        if as_json:
+            typer.echo(json.dumps(report_json(results), indent=2))
+        else:
+            console = Console(highlight=False)
+            for r in results:
+                console.print(f"{_CHECK_STYLE[r.status]}  [bold]{r.name}[/]: {r.detail}")
+                if r.hint:
+                    console.print(f"      [yellow]hint:[/] {r.hint}")
+        failed = [r.name for r in results if not r.passed]
+        if failed:
+            raise CheckFailed(
+                f"{len(failed)} check(s) failed: {', '.join(failed)}", "follow the hints above"
+            )
+
+    @app.command("plan")
+    def plan_command(
+        model: Path = typer.Option(
+            ..., "--model", "-m", help="Local model directory (config.json, safetensors)."
+        ),
+        quant: str | None = typer.Option(
+            None,
+            "--quant",
+            "-q",
+            help="Only this method (refused if the checkpoint does not fit it).",
+        ),
+        gpus: str = typer.Option("all", "--gpus", "-g", help=GPU_SPEC_HELP),
+        gpus_file: Path | None = typer.Option(
+            None,
+            "--gpus-file",
+            help="Plan for another machine: a saved `deploykit gpus --json` instead of this host's GPUs.",
+        ),
+        max_model_len: str | None = typer.Option(
+            None,
+            "--max-model-len",
+            help="Context length to fit: 8192, 32k (x1000), 32K (x1024); default: the model's maximum.",
+        ),
+        kv_cache_dtype: str | None = typer.Option(
+            None, "--kv-cache-dtype", help="auto or fp8 (default: list both)."
+        ),
+        tensor_parallel_size: int | None = typer.Option(
+            None, "--tensor-parallel-size", "--tp", help="Only this tensor-parallel size."
+        ),
+        gpu_memory_utilization: float = typer.Option(
+            DEFAULT_GPU_MEMORY_UTILIZATION,
+            "--gpu-memory-utilization",
+            help="Fraction of each GPU's TOTAL memory vLLM may use (vLLM's default 0.92).",
+        ),
+        as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    ) -> None:
+        """Which methods, tensor-parallel sizes and KV dtypes fit this model on these GPUs, best first.
+
+        Exits 6 when the checkpoint does not match --quant or nothing fits.
+        """
+        info = read_model(model)
+        inv = load_inventory(gpus_file) if gpus_file else read_inventory()
+        selected = resolve_gpu_spec(gpus, inv.gpus)
+        plan = make_plan(
+            info,
+            selected,
+            quant=quant,
+            max_model_len=parse_length(max_model_len),
+            kv_cache_dtype=kv_cache_dtype,
+            gpu_memory_utilization=gpu_memory_utilization,
+            tensor_parallel_size=tensor_parallel_size,
+        )
+        if as_json:
+            typer.echo(json.dumps(plan.to_json(), indent=2))
+        else:
+            Console().print(plan_table(plan))
+            if plan.best:
+                typer.echo(
+                    f"best: {plan.best.quant}, tensor-parallel {plan.best.tensor_parallel_size}, "
+                    f"KV {plan.best.kv_cache_dtype}: vllm serve ... {' '.join(plan.best.vllm_args)}"
+                )
+        if plan.best is None:
+            raise ModelError(
+                f"no profile fits {info.path} on GPU {', '.join(str(g.index) for g in selected)}",
+                "see the reasons above: a smaller --max-model-len, more GPUs (--gpus), or a "
+                "quantized checkpoint",
+            )
