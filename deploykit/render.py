@@ -180,10 +180,11 @@ def _labels(title: str, description: str, extra: dict[str, str]) -> dict[str, st
 
 def _guard_facts(cell: Cell) -> dict[str, object]:
     """What the start-up guard needs to know, as plain JSON-able data."""
+    # in matrix order (none, fp8, awq, gptq, bitsandbytes), lowest class first
+    gpu_cells = [c for c in supported_cells() if c.gpu_class is not GpuClass.CPU]
     alternatives = sorted(
-        (c.min_compute_capability or 0.0, str(c.quant), str(c.gpu_class))
-        for c in supported_cells()
-        if c.gpu_class is not GpuClass.CPU
+        ((c.min_compute_capability or 0.0, str(c.quant), str(c.gpu_class)) for c in gpu_cells),
+        key=lambda a: (a[0], [str(c.quant) for c in gpu_cells].index(a[1])),
     )
     return {
         "quant": str(cell.quant),

@@ -16,7 +16,7 @@ import shutil
 import subprocess
 import sys
 
-FACTS = json.loads("{\"alternatives\": [[7.5, \"awq\", \"cuda\"], [7.5, \"bitsandbytes\", \"cuda\"], [7.5, \"fp8\", \"cuda\"], [7.5, \"gptq\", \"cuda\"], [7.5, \"none\", \"cuda\"], [8.9, \"awq\", \"cuda-fp8\"], [8.9, \"bitsandbytes\", \"cuda-fp8\"], [8.9, \"fp8\", \"cuda-fp8\"], [8.9, \"gptq\", \"cuda-fp8\"], [8.9, \"none\", \"cuda-fp8\"]], \"bf16_min_compute_capability\": 8.0, \"checkpoint_quant_methods\": [\"fp8\"], \"dtype_below_bf16\": null, \"gpu_class\": \"cuda-fp8\", \"min_compute_capability\": 8.9, \"online_quant_args\": [\"--quantization\", \"fp8_per_tensor\"], \"quant\": \"fp8\", \"requires_prequantized\": false, \"runtime_uid\": 10001, \"serve\": [\"vllm\", \"serve\"], \"vllm_args\": [\"--quantization\", \"fp8_per_tensor\", \"--kv-cache-dtype\", \"fp8\"]}")
+FACTS = json.loads("{\"alternatives\": [[7.5, \"none\", \"cuda\"], [7.5, \"fp8\", \"cuda\"], [7.5, \"awq\", \"cuda\"], [7.5, \"gptq\", \"cuda\"], [7.5, \"bitsandbytes\", \"cuda\"], [8.9, \"none\", \"cuda-fp8\"], [8.9, \"fp8\", \"cuda-fp8\"], [8.9, \"awq\", \"cuda-fp8\"], [8.9, \"gptq\", \"cuda-fp8\"], [8.9, \"bitsandbytes\", \"cuda-fp8\"]], \"bf16_min_compute_capability\": 8.0, \"checkpoint_quant_methods\": [\"fp8\"], \"dtype_below_bf16\": null, \"gpu_class\": \"cuda-fp8\", \"min_compute_capability\": 8.9, \"online_quant_args\": [\"--quantization\", \"fp8_per_tensor\"], \"quant\": \"fp8\", \"requires_prequantized\": false, \"runtime_uid\": 10001, \"serve\": [\"vllm\", \"serve\"], \"vllm_args\": [\"--quantization\", \"fp8_per_tensor\", \"--kv-cache-dtype\", \"fp8\"]}")
 SECRETS_DIR = "/run/secrets"
 PRIVATE_DIR = "/run/deploykit"
 
