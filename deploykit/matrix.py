@@ -264,7 +264,6 @@ def gpu_class_for(compute_capability: float) -> GpuClass:
 def _cell(quant: Quant, gpu_class: GpuClass) -> Cell:
     method = METHODS[quant]
     cls = GPU_CLASSES[gpu_class]
-    base = {"default_model": DEFAULT_MODELS.get(quant, "")}
 
     if method.removed:
         alternatives = ", ".join(q.value for q in REPLACEMENTS.get(quant, ()))
@@ -294,71 +293,62 @@ def _cell(quant: Quant, gpu_class: GpuClass) -> Cell:
     min_cc = max(cls.min_cc, method.min_cc)
     dtype_args = ("--dtype", "bfloat16")
     dtype_fallback = "float16" if cls.min_cc < BF16_MIN_CC else None
-    common = {
-        "min_compute_capability": min_cc,
-        "checkpoint_quant_methods": method.checkpoint_quant_methods,
-        "dtype_below_bf16": dtype_fallback,
-        **base,
-    }
     fallback_note = " (float16 on GPUs below compute capability 8.0)" if dtype_fallback else ""
 
-    if quant is Quant.NONE:
+    def runs(
+        reason: str,
+        vllm_args: tuple[str, ...] = (),
+        online: tuple[str, ...] = (),
+        prequantized: bool = False,
+    ) -> Cell:
         return Cell(
             quant,
             gpu_class,
             True,
-            f"unquantized bfloat16{fallback_note}",
-            vllm_args=dtype_args,
-            **common,
+            reason,
+            min_cc,
+            vllm_args=vllm_args,
+            extra_packages=method.extra_packages,
+            requires_prequantized=prequantized,
+            checkpoint_quant_methods=method.checkpoint_quant_methods,
+            online_quant_args=online,
+            dtype_below_bf16=dtype_fallback,
+            default_model=DEFAULT_MODELS.get(quant, ""),
         )
+
+    if quant is Quant.NONE:
+        return runs(f"unquantized bfloat16{fallback_note}", dtype_args)
     if quant is Quant.FP8:
         # vLLM 0.33: online FP8 quantization of a bf16 checkpoint is `fp8_per_tensor`; a pre-quantized
         # FP8 checkpoint is detected from its config and takes no flag (FACTS.md).
         online = ("--quantization", "fp8_per_tensor")
         if gpu_class is GpuClass.CUDA_FP8:
-            return Cell(
-                quant,
-                gpu_class,
-                True,
+            return runs(
                 "W8A8 FP8: native FP8 tensor cores (CC >= 8.9); FP8 KV cache halves KV memory",
-                vllm_args=(*online, "--kv-cache-dtype", "fp8"),
-                online_quant_args=online,
-                **common,
+                (*online, "--kv-cache-dtype", "fp8"),
+                online,
             )
-        return Cell(
-            quant,
-            gpu_class,
-            True,
+        return runs(
             "weight-only FP8 through Marlin (W8A16): halves weight memory but no FP8 compute speed-up on "
             "CC < 8.9, and vLLM warns; use cuda-fp8 hardware for W8A8",
-            vllm_args=(*online, *dtype_args),
-            online_quant_args=online,
-            **common,
+            (*online, *dtype_args),
+            online,
         )
     if quant in (Quant.AWQ, Quant.GPTQ):
         # Pre-quantized checkpoints are detected by vLLM; a conflicting --quantization flag errors
         # ("does not match"), so none is passed and the start-up guard checks the checkpoint instead.
-        return Cell(
-            quant,
-            gpu_class,
-            True,
+        return runs(
             f"pre-quantized {quant.upper()} checkpoint, Marlin kernels (CC >= 7.5); detected from the "
             "checkpoint's quantization_config",
-            requires_prequantized=True,
-            **common,
+            prequantized=True,
         )
     if quant is Quant.BITSANDBYTES:
         online = ("--quantization", "bitsandbytes")
-        return Cell(
-            quant,
-            gpu_class,
-            True,
+        return runs(
             "in-flight NF4 of a bf16 checkpoint (or a bnb checkpoint) through vllm-bnb-plugin; saves memory, "
             f"about half as fast as bf16 when batched{fallback_note}",
-            vllm_args=(*online, *dtype_args),
-            extra_packages=method.extra_packages,
-            online_quant_args=online,
-            **common,
+            (*online, *dtype_args),
+            online,
         )
     raise AssertionError(f"no rule for {quant}")  # pragma: no cover - every Quant is handled above
 

@@ -15,7 +15,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def deploykit(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "deploykit", *args], capture_output=True, text=True, cwd=cwd)
+    return subprocess.run(
+        [sys.executable, "-m", "deploykit", *args], capture_output=True, text=True, cwd=cwd
+    )
 
 
 def test_matrix_json_has_every_cell_with_its_fields() -> None:
@@ -24,8 +26,17 @@ def test_matrix_json_has_every_cell_with_its_fields() -> None:
     data = json.loads(result.stdout)
     assert len(data) == 18
     for row in data:
-        assert {"quant", "gpu_class", "supported", "reason", "min_compute_capability", "vllm_args"} <= row.keys()
-        assert isinstance(row["supported"], bool) and isinstance(row["reason"], str) and row["reason"]
+        assert {
+            "quant",
+            "gpu_class",
+            "supported",
+            "reason",
+            "min_compute_capability",
+            "vllm_args",
+        } <= row.keys()
+        assert (
+            isinstance(row["supported"], bool) and isinstance(row["reason"], str) and row["reason"]
+        )
         assert isinstance(row["vllm_args"], list)
     by = {(r["quant"], r["gpu_class"]): r for r in data}
     assert by[("fp8", "cuda-fp8")]["min_compute_capability"] == 8.9
@@ -42,9 +53,21 @@ def test_matrix_table_prints() -> None:
     ("args", "code", "words"),
     [
         (["--quant", "squeezellm", "--gpu-class", "cuda"], ExitCode.UNSUPPORTED, ["0.6.1", "awq"]),
-        (["--quant", "int3", "--gpu-class", "cuda"], ExitCode.USAGE, ["unknown quantization", "gptq"]),
-        (["--quant", "awq", "--gpu-class", "tpu"], ExitCode.USAGE, ["unknown GPU class", "cuda-fp8"]),
-        (["--quant", "gptq", "--gpu-class", "cpu"], ExitCode.UNSUPPORTED, ["not supported", "on cpu use: none"]),
+        (
+            ["--quant", "int3", "--gpu-class", "cuda"],
+            ExitCode.USAGE,
+            ["unknown quantization", "gptq"],
+        ),
+        (
+            ["--quant", "awq", "--gpu-class", "tpu"],
+            ExitCode.USAGE,
+            ["unknown GPU class", "cuda-fp8"],
+        ),
+        (
+            ["--quant", "gptq", "--gpu-class", "cpu"],
+            ExitCode.UNSUPPORTED,
+            ["not supported", "on cpu use: none"],
+        ),
         (["--quant", "awq"], ExitCode.USAGE, ["go together"]),
     ],
 )
@@ -59,7 +82,9 @@ def test_render_refusals(tmp_path: Path, args: list[str], code: int, words: list
 
 
 def test_render_one_cell_to_a_folder(tmp_path: Path) -> None:
-    result = deploykit("render", "--quant", "fp8", "--gpu-class", "cuda-fp8", "--out", str(tmp_path))
+    result = deploykit(
+        "render", "--quant", "fp8", "--gpu-class", "cuda-fp8", "--out", str(tmp_path)
+    )
     assert result.returncode == 0, result.stderr
     names = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
     assert "compose.yaml" in names

@@ -28,7 +28,9 @@ def inventory(name: str) -> list[tuple[str, float]]:
 def load_guard(tmp_path: Path, quant: str, gpu_class: str) -> ModuleType:
     cell = resolve_target(quant, gpu_class)
     write_files(render_engine(cell, out="engine"), tmp_path)
-    spec = importlib.util.spec_from_file_location(f"guard_{quant}_{gpu_class}", tmp_path / "engine" / "guard.py")
+    spec = importlib.util.spec_from_file_location(
+        f"guard_{quant}_{gpu_class}", tmp_path / "engine" / "guard.py"
+    )
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -45,7 +47,9 @@ def checkpoint(tmp_path: Path, quantization_config: dict | None) -> str:
     return str(folder)
 
 
-def test_fp8_w8a8_image_runs_on_the_recorded_h100(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_fp8_w8a8_image_runs_on_the_recorded_h100(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     guard = load_guard(tmp_path, "fp8", "cuda-fp8")
     monkeypatch.setattr(guard, "visible_gpus", lambda: inventory("h100-nvml.json"))
     assert guard.check_gpus() == 9.0
@@ -61,7 +65,10 @@ def test_fp8_w8a8_image_refuses_a_t4_and_names_what_runs(
     assert exit_.value.code == ExitCode.UNSUPPORTED
     err = capsys.readouterr().err
     assert "fp8" in err and "NVIDIA T4" in err and "7.5" in err and "8.9" in err
-    assert "methods that run on NVIDIA T4: none, fp8, awq, gptq, bitsandbytes (use the cuda images)" in err
+    assert (
+        "methods that run on NVIDIA T4: none, fp8, awq, gptq, bitsandbytes (use the cuda images)"
+        in err
+    )
 
 
 def test_volta_is_refused_by_every_cuda_image(
@@ -105,7 +112,11 @@ def test_bf16_becomes_fp16_on_turing(tmp_path: Path, monkeypatch: pytest.MonkeyP
     ],
 )
 def test_checkpoint_mismatch_is_refused(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], quant: str, config: dict | None, words: list[str]
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    quant: str,
+    config: dict | None,
+    words: list[str],
 ) -> None:
     guard = load_guard(tmp_path, quant, "cuda-fp8")
     model = checkpoint(tmp_path, config)
@@ -137,7 +148,9 @@ def test_matching_awq_checkpoint_passes(tmp_path: Path) -> None:
     assert guard.check_checkpoint(["--model", model], []) == []
 
 
-def test_hub_model_id_skips_the_checkpoint_check(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_hub_model_id_skips_the_checkpoint_check(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     guard = load_guard(tmp_path, "awq", "cuda")
     assert guard.check_checkpoint(["--model", "Qwen/Qwen2.5-7B-Instruct-AWQ"], []) == []
     assert "checkpoint check skipped" in capsys.readouterr().err

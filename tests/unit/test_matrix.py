@@ -93,7 +93,10 @@ def test_bf16_falls_back_to_fp16_below_8_0() -> None:
     assert a100.vllm_args == ("--dtype", "bfloat16")
 
 
-@pytest.mark.parametrize(("cc", "klass"), [(9.0, "cuda-fp8"), (8.9, "cuda-fp8"), (12.0, "cuda-fp8"), (8.6, "cuda"), (7.5, "cuda")])
+@pytest.mark.parametrize(
+    ("cc", "klass"),
+    [(9.0, "cuda-fp8"), (8.9, "cuda-fp8"), (12.0, "cuda-fp8"), (8.6, "cuda"), (7.5, "cuda")],
+)
 def test_gpu_class_for(cc: float, klass: str) -> None:
     assert gpu_class_for(cc) == klass
 
@@ -114,13 +117,21 @@ def test_resolve_refuses_fp8_class_image_on_ampere_and_names_alternatives() -> N
 def test_resolve_refusals_name_valid_choices() -> None:
     with pytest.raises(UsageError) as unknown:
         resolve_target("int3", "cuda")
-    assert unknown.value.hint is not None and "awq" in unknown.value.hint and "squeezellm" not in unknown.value.hint
+    assert (
+        unknown.value.hint is not None
+        and "awq" in unknown.value.hint
+        and "squeezellm" not in unknown.value.hint
+    )
     with pytest.raises(UsageError) as klass:
         resolve_target("none", "tpu")
     assert klass.value.hint is not None and "cuda-fp8" in klass.value.hint
     with pytest.raises(UnsupportedError) as squeeze:
         resolve_target("squeezellm", "cuda")
-    assert "0.6.1" in squeeze.value.message and squeeze.value.hint is not None and "awq" in squeeze.value.hint
+    assert (
+        "0.6.1" in squeeze.value.message
+        and squeeze.value.hint is not None
+        and "awq" in squeeze.value.hint
+    )
     with pytest.raises(UnsupportedError) as cpu:
         resolve_target("awq", "cpu")
     assert cpu.value.hint is not None and "none" in cpu.value.hint

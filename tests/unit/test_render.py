@@ -26,7 +26,10 @@ GOLDEN = REPO / "tests" / "golden"
 
 #: Options unlike the defaults, so the golden stacks show what `deploykit up` changes.
 UP_OPTIONS = StackOptions(
-    gpu_ids=("GPU-11111111-2222-3333-4444-555555555555", "GPU-66666666-7777-8888-9999-000000000000"),
+    gpu_ids=(
+        "GPU-11111111-2222-3333-4444-555555555555",
+        "GPU-66666666-7777-8888-9999-000000000000",
+    ),
     model="/models/my-model",
     served_model_name="my-model",
     projects=("general", "maze"),
@@ -103,17 +106,24 @@ def test_hadolint_finds_nothing_at_warning_level(rendered: Path) -> None:
     dockerfiles = sorted(rendered.glob("images/*/Dockerfile"))
     assert len(dockerfiles) == len(supported_cells()) + 2
     result = subprocess.run(
-        [hadolint, "--failure-threshold", "warning", *map(str, dockerfiles)], capture_output=True, text=True
+        [hadolint, "--failure-threshold", "warning", *map(str, dockerfiles)],
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 def _compose_cli() -> list[str]:
-    if shutil.which("docker") and subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0:
+    if (
+        shutil.which("docker")
+        and subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0
+    ):
         return ["docker", "compose"]
     if shutil.which("docker-compose"):
         return ["docker-compose"]
-    pytest.skip("neither `docker compose` nor `docker-compose` is installed (scripts/provision.sh installs it)")
+    pytest.skip(
+        "neither `docker compose` nor `docker-compose` is installed (scripts/provision.sh installs it)"
+    )
 
 
 def test_every_compose_file_is_valid(rendered: Path, tmp_path: Path) -> None:
@@ -128,7 +138,9 @@ def test_every_compose_file_is_valid(rendered: Path, tmp_path: Path) -> None:
         variant.write_text(render_compose(cell, UP_OPTIONS))
         files.append(variant)
     for path in files:
-        result = subprocess.run([*cli, "-f", str(path), "config", "-q"], capture_output=True, text=True)
+        result = subprocess.run(
+            [*cli, "-f", str(path), "config", "-q"], capture_output=True, text=True
+        )
         assert result.returncode == 0, f"{path.name}: {result.stderr}"
 
 
@@ -150,15 +162,32 @@ def test_no_secret_values_in_compose() -> None:
                 if any(word in key.upper() for word in ("PASSWORD", "TOKEN", "SECRET")):
                     assert key.endswith("_FILE"), f"{name}: {key} carries a secret value"
             for arg in service.get("command", []):
-                assert not any(word in arg.lower() for word in ("password", "token")), f"{name}: {arg}"
-        assert set(stack["secrets"]) == {"mqtt_users", "mqtt_bridge_username", "mqtt_bridge_password", "hf_token"}
+                assert not any(word in arg.lower() for word in ("password", "token")), (
+                    f"{name}: {arg}"
+                )
+        assert set(stack["secrets"]) == {
+            "mqtt_users",
+            "mqtt_bridge_username",
+            "mqtt_bridge_password",
+            "hf_token",
+        }
         assert all(set(s) == {"file"} for s in stack["secrets"].values())
 
 
 def test_templates_ship_in_the_wheel(tmp_path: Path) -> None:
     """An installed deploykit renders without the repository."""
     result = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path / "dist"), str(REPO)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "-q",
+            "-w",
+            str(tmp_path / "dist"),
+            str(REPO),
+        ],
         capture_output=True,
         text=True,
     )
@@ -169,16 +198,32 @@ def test_templates_ship_in_the_wheel(tmp_path: Path) -> None:
     assert (tmp_path / "site" / "deploykit" / "templates" / "compose" / "compose.yaml.j2").is_file()
     out = tmp_path / "out"
     result = subprocess.run(
-        [sys.executable, "-m", "deploykit", "render", "--quant", "none", "--gpu-class", "cpu", "--out", str(out)],
+        [
+            sys.executable,
+            "-m",
+            "deploykit",
+            "render",
+            "--quant",
+            "none",
+            "--gpu-class",
+            "cpu",
+            "--out",
+            str(out),
+        ],
         capture_output=True,
         text=True,
         cwd=tmp_path,
         env={"PYTHONPATH": str(tmp_path / "site"), "PATH": "/usr/bin:/bin"},
     )
     assert result.returncode == 0, result.stderr
-    assert (out / "compose.yaml").is_file() and (out / "images" / "engine-none-cpu" / "guard.py").is_file()
+    assert (out / "compose.yaml").is_file() and (
+        out / "images" / "engine-none-cpu" / "guard.py"
+    ).is_file()
     probe = subprocess.run(
         [sys.executable, "-c", "import deploykit.render as r; print(r.template_root())"],
-        capture_output=True, text=True, cwd=tmp_path, env={"PYTHONPATH": str(tmp_path / "site")},
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={"PYTHONPATH": str(tmp_path / "site")},
     )
     assert probe.stdout.strip().startswith(str(tmp_path / "site"))
