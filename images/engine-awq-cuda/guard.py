@@ -200,7 +200,15 @@ def main(argv):
     take_secrets_and_drop_root()
     command = FACTS["serve"] + fixed + args
     log("starting: " + " ".join(command))
-    os.execvp(command[0], command)
+    try:
+        os.execvp(command[0], command)
+    except OSError as err:
+        fail(
+            1,
+            f"cannot start the vLLM server ({command[0]}: {err.strerror})",
+            "the image's BASE_IMAGE must contain vLLM (the official vllm/vllm-openai image, or the "
+            "cpu image's own build stage)",
+        )
 
 
 if __name__ == "__main__":
