@@ -300,7 +300,8 @@ def default_checks(probe: HostProbe | None = None, *, gpu: bool = True) -> list[
 
 
 def run_checks(checks: Sequence[Check]) -> list[CheckResult]:
-    return [c.run() for c in checks]
+    """Run every check; one that raises a DeployKitError counts as failed with that error's hint."""
+    return [_guard(c.name, c.run) for c in checks]
 
 
 def report_json(results: Sequence[CheckResult]) -> dict[str, Any]:

@@ -453,6 +453,7 @@ class Profile:
     max_model_len_fit: int | None = None  # the largest that fits (capped at the model's maximum)
     gpus: tuple[str, ...] = ()  # UUIDs
     vllm_args: tuple[str, ...] = ()
+    note: str = ""  # what the matrix says about this method on this GPU class
 
     def to_json(self) -> dict[str, Any]:
         r = lambda v: None if v is None else round(v, 3)  # noqa: E731
@@ -470,6 +471,7 @@ class Profile:
             "max_model_len_fit": self.max_model_len_fit,
             "gpus": list(self.gpus),
             "vllm_args": list(self.vllm_args),
+            "note": self.note,
         }
 
 
@@ -583,6 +585,7 @@ def evaluate(
     if gpu_memory_utilization != DEFAULT_GPU_MEMORY_UTILIZATION:
         args += ["--gpu-memory-utilization", str(gpu_memory_utilization)]
     base["vllm_args"] = tuple(args)
+    base["note"] = cell.reason
     if fit < wanted:
         return Profile(
             quant,
@@ -598,7 +601,7 @@ def evaluate(
         tp,
         kv_dtype,
         Status.COMPATIBLE,
-        f"fits: {per_gpu / GIB:.1f} GiB weights per GPU, KV cache for {fit} tokens ({cell.reason})",
+        f"fits: {per_gpu / GIB:.1f} GiB weights per GPU, KV cache for up to {fit} tokens",
         **base,
     )
 

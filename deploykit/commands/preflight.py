@@ -6,7 +6,9 @@ import json
 from pathlib import Path
 
 import typer
+from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from deploykit.devices import (
@@ -50,7 +52,7 @@ def gpus_table(inv: GpuInventory) -> Table:
         mig = "n/a" if g.mig_mode is None else ("on" if g.mig_mode else "off")
         table.add_row(
             str(g.index),
-            g.name,
+            escape(g.name),
             f"{g.compute_capability:g}",
             f"{g.memory_total_gib:.1f} GiB",
             f"{g.memory_free_gib:.1f} GiB",
@@ -64,15 +66,17 @@ def gpus_table(inv: GpuInventory) -> Table:
 def plan_table(plan: Plan) -> Table:
     m = plan.model
     table = Table(
-        title=f"{m.path}: {m.architecture}, {m.params / 1e9:.1f}B params, {m.checkpoint.description}; "
-        f"gpu_memory_utilization {plan.gpu_memory_utilization}",
+        box=box.SIMPLE_HEAD,
+        title=escape(
+            f"{m.path}: {m.architecture}, {m.params / 1e9:.1f}B params, {m.checkpoint.description}; "
+            f"gpu_memory_utilization {plan.gpu_memory_utilization}"
+        ),
         show_lines=False,
     )
-    for col in ("#", "quant", "TP", "KV", "status", "weights GiB", "KV GiB/1k tok", "max len fit"):
-        table.add_column(
-            col, justify="left" if col in ("quant", "KV", "status") else "right", no_wrap=True
-        )
-    table.add_column("why / what to do", overflow="fold")
+    table.caption = "weights: GiB, all GPUs together; KV/1k: GiB per 1000 tokens per GPU"
+    for col in ("#", "quant", "TP", "KV", "status", "weights", "KV/1k", "max len"):
+        left = col in ("quant", "KV", "status")
+        table.add_column(col, justify="left" if left else "right", no_wrap=True)
     for i, p in enumerate(plan.profiles, 1):
         table.add_row(
             str(i),
@@ -83,7 +87,6 @@ def plan_table(plan: Plan) -> Table:
             "-" if p.weights_gib is None else f"{p.weights_gib:.1f}",
             "-" if p.kv_gib_per_1k_tokens is None else f"{p.kv_gib_per_1k_tokens:.3f}",
             "-" if p.max_model_len_fit is None else str(p.max_model_len_fit),
-            p.reason,
         )
     return table
 
@@ -122,9 +125,11 @@ def register(app: typer.Typer) -> None:
         else:
             console = Console(highlight=False)
             for r in results:
-                console.print(f"{_CHECK_STYLE[r.status]}  [bold]{r.name}[/]: {r.detail}")
+                console.print(
+                    f"{_CHECK_STYLE[r.status]}  [bold]{escape(r.name)}[/]: {escape(r.detail)}"
+                )
                 if r.hint:
-                    console.print(f"      [yellow]hint:[/] {r.hint}")
+                    console.print(f"      [yellow]hint:[/] {escape(r.hint)}")
         failed = [r.name for r in results if not r.passed]
         if failed:
             raise CheckFailed(
@@ -185,7 +190,13 @@ def register(app: typer.Typer) -> None:
         if as_json:
             typer.echo(json.dumps(plan.to_json(), indent=2))
         else:
-            Console().print(plan_table(plan))
+            console = Console(highlight=False)
+            console.print(plan_table(plan))
+            for i, p in enumerate(plan.profiles, 1):  # reasons below: readable at any width
+                console.print(f"{i:>3}. {escape(p.reason)}")
+            notes = {str(p.quant): p.note for p in plan.profiles if p.note}
+            for quant_name, note in notes.items():
+                console.print(f"[dim]{quant_name}: {escape(note)}[/]")
             if plan.best:
                 typer.echo(
                     f"best: {plan.best.quant}, tensor-parallel {plan.best.tensor_parallel_size}, "
