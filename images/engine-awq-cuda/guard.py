@@ -92,11 +92,11 @@ def check_gpus():
             fail(
                 3,
                 f"quantization method {FACTS['quant']} in the {FACTS['gpu_class']} image needs compute "
-                f"capability >= {need:g}, but this container sees {name} (compute capability {cc:g})",
+                f"capability >= {need:.1f}, but this container sees {name} (compute capability {cc:.1f})",
                 f"methods that run on {name}: {fits}{where}",
             )
     for name, cc in gpus:
-        log(f"GPU {name} (compute capability {cc:g}) can run {FACTS['quant']}")
+        log(f"GPU {name} (compute capability {cc:.1f}) can run {FACTS['quant']}")
     return min(cc for _, cc in gpus)
 
 
@@ -165,7 +165,7 @@ def with_dtype(fixed, cc):
     if FACTS["dtype_below_bf16"] and cc < FACTS["bf16_min_compute_capability"] and "--dtype" in fixed:
         fixed = list(fixed)
         fixed[fixed.index("--dtype") + 1] = FACTS["dtype_below_bf16"]
-        log(f"compute capability {cc:g} has no bfloat16: using --dtype {FACTS['dtype_below_bf16']}")
+        log(f"compute capability {cc:.1f} has no bfloat16: using --dtype {FACTS['dtype_below_bf16']}")
     return fixed
 
 
