@@ -1,0 +1,277 @@
+"""Build deploykit's images: engine (per cell), bridge and broker.
+
+Each build context is assembled in a temporary folder from the rendered image folder
+(``deploykit.render``) plus wheels: ``--wheelhouse DIR`` for air-gapped installs, and for the bridge a
+wheel of deploykit built here with its dependency wheels, so the image build itself needs no network.
+Nothing secret goes into a context: no CA bundle, no token; the Dockerfiles keep wheels in a build
+stage only.
+
+An image whose tag already exists with the same context digest (a label) is reused, not rebuilt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from deploykit import __version__, baseimages, render
+from deploykit.docker import Docker
+from deploykit.errors import DeployKitError, DockerError, UsageError
+from deploykit.matrix import Cell
+
+ProgressFn = Callable[[str], None]
+
+DIGEST_LABEL = "io.deploykit.context-digest"
+BASE_LABEL = "io.deploykit.base-image"
+_ARG_BASE = re.compile(r"^ARG BASE_IMAGE=(\S+)\s*$", re.MULTILINE)
+
+
+@dataclass(frozen=True)
+class ImagePlan:
+    """One image to build: its tag and the rendered files of its build context."""
+
+    component: str  # engine | bridge | broker
+    tag: str
+    files: tuple[render.RenderedFile, ...]  # paths relative to the context folder
+    needs_deploykit_wheel: bool = False
+
+    @property
+    def dockerfile(self) -> str:
+        for f in self.files:
+            if str(f.path) == "Dockerfile":
+                return f.text
+        raise DeployKitError(f"no Dockerfile rendered for {self.tag}")
+
+    @property
+    def default_base(self) -> str:
+        match = _ARG_BASE.search(self.dockerfile)
+        if not match:
+            raise DeployKitError(f"the Dockerfile of {self.tag} has no `ARG BASE_IMAGE=` default")
+        return match.group(1)
+
+
+@dataclass(frozen=True)
+class Built:
+    tag: str
+    base_image: str
+    seconds: float
+    size_bytes: int
+    reused: bool
+
+
+def _relative(bundle: render.Bundle, prefix: str) -> tuple[render.RenderedFile, ...]:
+    out = []
+    for f in bundle.files:
+        rel = f.path.relative_to(prefix)
+        out.append(render.RenderedFile(rel, f.text, f.executable))
+    return tuple(sorted(out, key=lambda f: str(f.path)))
+
+
+def plan_engine(cell: Cell, version: str = __version__) -> ImagePlan:
+    bundle = render.render_engine(cell, out="ctx")
+    return ImagePlan("engine", render.image_tag(cell, version), _relative(bundle, "ctx"))
+
+
+def plan_bridge(version: str = __version__) -> ImagePlan:
+    bundle = render.render_bridge(out="ctx")
+    return ImagePlan("bridge", render.bridge_tag(version), _relative(bundle, "ctx"), True)
+
+
+def plan_broker(version: str = __version__) -> ImagePlan:
+    bundle = render.render_broker(out="ctx")
+    return ImagePlan("broker", render.broker_tag(version), _relative(bundle, "ctx"))
+
+
+def plan_stack(cells: Iterable[Cell], version: str = __version__) -> list[ImagePlan]:
+    """The engine images of these cells, then the bridge and the broker."""
+    return [*(plan_engine(c, version) for c in cells), plan_bridge(version), plan_broker(version)]
+
+
+# --- wheels ---------------------------------------------------------------------------------------
+
+
+def _source_root() -> Path | None:
+    """The repository deploykit runs from, when it runs from a source checkout."""
+    root = Path(__file__).resolve().parent.parent
+    return root if (root / "pyproject.toml").is_file() else None
+
+
+def deploykit_wheels(dest: Path, find_links: Path | None, progress: ProgressFn) -> None:
+    """A wheel of deploykit built here plus its dependency wheels for the images' Python (3.11)."""
+    root = _source_root()
+    dest.mkdir(parents=True, exist_ok=True)
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    if root is not None:
+        progress("building a wheel of deploykit from the source tree")
+        _run([*pip, "wheel", "--no-deps", "-w", str(dest), str(root)], "building deploykit's wheel")
+        wheel = next(dest.glob("deploykit-*.whl"))
+        target = str(wheel)
+    else:
+        target = f"deploykit=={__version__}"
+    progress("collecting the bridge's dependency wheels (Python 3.11, manylinux)")
+    machine = platform.machine()
+    platforms = [
+        f"manylinux_2_28_{machine}",
+        f"manylinux_2_17_{machine}",
+        f"manylinux2014_{machine}",
+        "any",
+    ]
+    cmd = [
+        *pip,
+        "download",
+        "-d",
+        str(dest),
+        "--only-binary=:all:",
+        "--python-version",
+        "3.11",
+        "--implementation",
+        "cp",
+    ]
+    for p in platforms:
+        cmd += ["--platform", p]
+    if find_links is not None:
+        cmd += ["--find-links", str(find_links)]
+    _run(
+        [*cmd, target],
+        "downloading the bridge's dependency wheels",
+        hint="pass --wheelhouse DIR with the wheels of deploykit's dependencies for Python 3.11 "
+        "(pip download there), or give this machine access to the package index",
+    )
+
+
+def _run(cmd: list[str], what: str, hint: str | None = None) -> None:
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise DeployKitError(f"{what} failed: {(proc.stderr or proc.stdout)[-1500:]}", hint)
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+# --- contexts -------------------------------------------------------------------------------------
+
+
+def assemble_context(
+    plan: ImagePlan,
+    dest: Path,
+    *,
+    wheelhouse: Path | None,
+    progress: ProgressFn,
+    bridge_wheels: Path,
+) -> Path:
+    """Write the plan's files into ``dest`` and put the wheels it needs into ``dest/wheelhouse``."""
+    for f in plan.files:
+        path = dest / f.path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f.text)
+        path.chmod(0o755 if f.executable else 0o644)
+    wheels = dest / "wheelhouse"
+    wheels.mkdir(exist_ok=True)
+    if plan.needs_deploykit_wheel:
+        if not bridge_wheels.is_dir():
+            deploykit_wheels(bridge_wheels, wheelhouse, progress)
+        for whl in sorted(bridge_wheels.glob("*.whl")):
+            _link_or_copy(whl, wheels / whl.name)
+    elif wheelhouse is not None and plan.component == "engine":
+        for whl in sorted(wheelhouse.glob("*.whl")):
+            _link_or_copy(whl, wheels / whl.name)
+    return dest
+
+
+def context_digest(context: Path, base_image_id: str) -> str:
+    """A digest of everything a build depends on: its files (big wheels by name and size) and base."""
+    h = hashlib.sha256(base_image_id.encode())
+    for path in sorted(p for p in context.rglob("*") if p.is_file()):
+        rel = str(path.relative_to(context))
+        h.update(rel.encode())
+        if path.suffix == ".whl" and path.stat().st_size > 5_000_000:
+            h.update(str(path.stat().st_size).encode())
+        else:
+            h.update(path.read_bytes())
+        h.update(b"x" if os.access(path, os.X_OK) else b"-")
+    return h.hexdigest()[:32]
+
+
+def choose_base(docker: Docker, plan: ImagePlan, override: str | None, progress: ProgressFn) -> str:
+    """The base image to build on: the override, else the official default, else a local one."""
+    if override:
+        if docker.image_exists(override) or docker.try_pull(override):
+            return override
+        raise DockerError(
+            f"base image {override} is neither present nor pullable",
+            "docker load it, or leave out --base-image to use the official one (or a local "
+            "Debian base when nothing can be pulled: deploykit base-images)",
+        )
+    default = plan.default_base
+    if docker.image_exists(default) or docker.try_pull(default):
+        return default
+    kind = baseimages.kind_for(default)
+    local = baseimages.LOCAL_BASE[kind]
+    progress(f"{default} is neither present nor pullable: using the local Debian base {local}")
+    baseimages.ensure(docker, kind, progress=progress)
+    return local
+
+
+def build_images(
+    docker: Docker,
+    plans: list[ImagePlan],
+    *,
+    base_image: str | None = None,
+    wheelhouse: Path | None = None,
+    force: bool = False,
+    progress: ProgressFn = print,
+) -> list[Built]:
+    """Build every plan (reusing images whose context digest is unchanged)."""
+    if wheelhouse is not None and not wheelhouse.is_dir():
+        raise UsageError(f"wheelhouse {wheelhouse} is not a folder", "pass a folder of .whl files")
+    results = []
+    with tempfile.TemporaryDirectory(prefix="deploykit-build-") as tmp:
+        for plan in plans:
+            start = time.monotonic()
+            # An engine's override applies to the engine; the broker needs a Mosquitto base.
+            override = base_image if plan.component != "broker" else None
+            base = choose_base(docker, plan, override, progress)
+            context = assemble_context(
+                plan,
+                Path(tmp) / plan.component / plan.tag.replace("/", "_").replace(":", "_"),
+                wheelhouse=wheelhouse,
+                progress=progress,
+                bridge_wheels=Path(tmp) / "bridge-wheels",
+            )
+            base_id = str(docker.image_info(base).get("Id", base))
+            digest = context_digest(context, base_id)
+            if (
+                not force
+                and docker.image_exists(plan.tag)
+                and (docker.image_labels(plan.tag).get(DIGEST_LABEL) == digest)
+            ):
+                progress(f"{plan.tag} is up to date (same context and base)")
+                results.append(Built(plan.tag, base, 0.0, docker.image_size(plan.tag), True))
+                continue
+            progress(f"building {plan.tag} on {base}")
+            result = docker.build(
+                context,
+                plan.tag,
+                buildargs={"BASE_IMAGE": base},
+                labels={DIGEST_LABEL: digest, BASE_LABEL: base},
+                progress=progress,
+                base_image=base,
+            )
+            seconds = time.monotonic() - start
+            progress(f"built {plan.tag} in {seconds:.0f} s ({result.size_bytes / 1e9:.2f} GB)")
+            results.append(Built(plan.tag, base, seconds, result.size_bytes, False))
+    return results

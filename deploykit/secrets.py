@@ -1,0 +1,126 @@
+"""The stack's secrets folder: MQTT accounts and the Hugging Face token, generated on first use.
+
+Files (each mode 0600, the folder 0700), mounted into the stack as compose secrets, never passed
+on a command line or baked into an image:
+
+- ``mqtt_users``: plaintext ``user:password`` lines the broker hashes at start;
+- ``mqtt_bridge_username``, ``mqtt_bridge_password``: the bridge's account;
+- ``mqtt_client_<project>_password``: one client account per project (username = project name);
+- ``hf_token``: a Hugging Face token for gated models (empty unless you put one there).
+
+Existing files are kept (so passwords stay stable across ``up``); a new project gets a new account.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets as _random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from deploykit.errors import DeployKitError, UsageError
+
+BRIDGE_USERNAME = "deploykit-bridge"
+FILE_MODE = 0o600
+DIR_MODE = 0o700
+
+
+@dataclass(frozen=True)
+class SecretsFolder:
+    """A generated secrets folder; read passwords through it, never print them."""
+
+    path: Path
+
+    @property
+    def users_file(self) -> Path:
+        return self.path / "mqtt_users"
+
+    @property
+    def bridge_username_file(self) -> Path:
+        return self.path / "mqtt_bridge_username"
+
+    @property
+    def bridge_password_file(self) -> Path:
+        return self.path / "mqtt_bridge_password"
+
+    @property
+    def hf_token_file(self) -> Path:
+        return self.path / "hf_token"
+
+    def client_password_file(self, project: str) -> Path:
+        return self.path / f"mqtt_client_{project}_password"
+
+    def client_password(self, project: str) -> str:
+        path = self.client_password_file(project)
+        try:
+            return path.read_text().strip()
+        except FileNotFoundError as exc:
+            raise UsageError(
+                f"no MQTT account for project {project!r} in {self.path}",
+                f"start the stack with that project: deploykit up --projects {project}",
+            ) from exc
+
+    def bridge_credentials(self) -> tuple[str, str]:
+        return (
+            self.bridge_username_file.read_text().strip(),
+            self.bridge_password_file.read_text().strip(),
+        )
+
+
+def _new_password() -> str:
+    return _random.token_urlsafe(24)
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Create or replace a file that only its owner can read, without a readable moment."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.chmod(tmp, FILE_MODE)
+    os.replace(tmp, path)
+
+
+def _read_or_create(path: Path, make: str) -> str:
+    if path.is_file():
+        os.chmod(path, FILE_MODE)
+        return path.read_text().strip()
+    _write_private(path, make + "\n")
+    return make
+
+
+def ensure_secrets(folder: Path, projects: Sequence[str]) -> SecretsFolder:
+    """Create what is missing in ``folder`` for these projects; returns the folder."""
+    if not projects:
+        raise UsageError("no project given", "pass at least one project, e.g. --projects general")
+    try:
+        folder.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
+        os.chmod(folder, DIR_MODE)
+        username = _read_or_create(folder / "mqtt_bridge_username", BRIDGE_USERNAME)
+        bridge_password = _read_or_create(folder / "mqtt_bridge_password", _new_password())
+        accounts = {username: bridge_password}
+        for project in sorted(set(projects)):
+            if project == username:
+                raise UsageError(
+                    f"project name {project!r} is the bridge's account name", "pick another name"
+                )
+            accounts[project] = _read_or_create(
+                folder / f"mqtt_client_{project}_password", _new_password()
+            )
+        # Accounts of projects from earlier runs stay valid, so their clients keep working.
+        for path in sorted(folder.glob("mqtt_client_*_password")):
+            name = path.name[len("mqtt_client_") : -len("_password")]
+            accounts.setdefault(name, path.read_text().strip())
+        users = "".join(f"{user}:{password}\n" for user, password in sorted(accounts.items()))
+        users_file = folder / "mqtt_users"
+        if not users_file.is_file() or users_file.read_text() != users:
+            _write_private(users_file, users)
+        _read_or_create(folder / "hf_token", "")
+        os.chmod(folder / "hf_token", FILE_MODE)
+    except OSError as exc:
+        raise DeployKitError(
+            f"cannot write the secrets folder {folder}: {exc.strerror}",
+            "check its permissions, or pick another one with --secrets-dir",
+        ) from exc
+    return SecretsFolder(folder)

@@ -1,0 +1,302 @@
+"""Run a stack: resolve GPUs and the cell, write its compose file, drive `docker compose`.
+
+``docker compose`` (v2) is used when present, else ``docker-compose`` (v1). Each stack lives in a
+state folder (default ``.deploykit/<name>``): the compose file rendered for this run (GPU ids,
+tensor-parallel size, model, projects) and ``stack.json`` (what health and chat need to find it).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from deploykit import matrix, render
+from deploykit.errors import DockerError, GpuError, UnsupportedError, UsageError
+from deploykit.matrix import Cell, GpuClass
+
+DEFAULT_NAME = "deploykit"
+DEFAULT_STATE_DIR = Path(".deploykit")
+COMPOSE_PROJECT_LABEL = "com.docker.compose.project"
+COMPOSE_SERVICE_LABEL = "com.docker.compose.service"
+
+
+# --- compose binary -------------------------------------------------------------------------------
+
+
+def compose_command() -> list[str]:
+    """``docker compose`` (v2) when it works, else ``docker-compose`` (v1)."""
+    if shutil.which("docker"):
+        probe = subprocess.run(
+            ["docker", "compose", "version"], capture_output=True, text=True, check=False
+        )
+        if probe.returncode == 0:
+            return ["docker", "compose"]
+    if shutil.which("docker-compose"):
+        return ["docker-compose"]
+    raise DockerError(
+        "neither `docker compose` (v2) nor `docker-compose` (v1) is installed",
+        "install the Docker Compose plugin (apt-get install docker-compose-plugin) or docker-compose",
+    )
+
+
+# --- GPUs -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PinnedGpus:
+    """What ``--gpus`` resolved to: the ids given to compose, and NVML facts when known."""
+
+    device_ids: tuple[str, ...]
+    compute_capability: float | None  # the lowest of the pinned GPUs; None without NVML
+    names: tuple[str, ...] = ()
+
+
+def _inventory() -> list[Any] | None:
+    """The host's GPUs through deploykit.devices (NVML); None when NVML is not available."""
+    try:
+        from deploykit import devices
+    except ImportError:
+        return None
+    try:
+        return list(devices.list_gpus())
+    except GpuError:
+        return None
+
+
+def resolve_gpus(spec: str, inventory: Sequence[Any] | None = None) -> PinnedGpus:
+    """``2`` (GPU index 2), ``0,1``, UUIDs, ``all``, ``count=N`` -> device ids to pin.
+
+    With NVML, indices become UUIDs (pinning by UUID survives renumbering); without it, indices
+    and UUIDs go to the NVIDIA runtime unchanged.
+    """
+    gpus = inventory if inventory is not None else _inventory()
+    if gpus:
+        from deploykit import devices
+
+        chosen = devices.resolve_gpu_spec(spec, list(gpus))
+        return PinnedGpus(
+            tuple(g.uuid for g in chosen),
+            min(g.compute_capability for g in chosen),
+            tuple(g.name for g in chosen),
+        )
+    items = [s.strip() for s in spec.split(",")]
+    if not spec.strip() or any(not s for s in items):
+        raise UsageError(f"--gpus {spec!r} is empty or has an empty item", "e.g. --gpus 0,1")
+    for item in items:
+        if not (item.isdigit() or item.upper().startswith(("GPU-", "MIG-"))):
+            raise UsageError(
+                f"--gpus {spec!r}: {item!r} needs NVML to resolve, and NVML is not available here",
+                "give GPU indices (0,1) or UUIDs (GPU-…), or install the NVIDIA driver",
+            )
+    if len(set(items)) != len(items):
+        raise UsageError(f"--gpus {spec!r} names a GPU twice", "name each GPU once")
+    return PinnedGpus(tuple(items), None)
+
+
+# --- planning -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StackPlan:
+    """A resolved ``up`` request: the cell, the render options and where the stack lives."""
+
+    name: str
+    cell: Cell
+    options: render.StackOptions
+    state_dir: Path
+
+    @property
+    def folder(self) -> Path:
+        return self.state_dir / self.name
+
+    @property
+    def compose_file(self) -> Path:
+        return self.folder / "compose.yaml"
+
+    @property
+    def served_model_name(self) -> str:
+        cpu = self.cell.gpu_class is GpuClass.CPU
+        model = self.options.model or self.cell.default_model
+        return self.options.served_model_name or (
+            matrix.CPU_DEMO_SERVED_NAME if cpu and not self.options.model else model
+        )
+
+
+def plan_up(
+    *,
+    quant: str = "none",
+    gpus: str | None = None,
+    gpu_class: str | None = None,
+    model: str | None = None,
+    projects: Sequence[str] = ("general",),
+    name: str = DEFAULT_NAME,
+    state_dir: Path = DEFAULT_STATE_DIR,
+    secrets_dir: Path | None = None,
+    mqtt_port: int = render.MQTT_PORT,
+    image_version: str | None = None,
+    inventory: Sequence[Any] | None = None,
+) -> StackPlan:
+    """Resolve what ``deploykit up`` asks for; refuse a method the pinned GPUs cannot run."""
+    q = matrix.parse_quant(quant)
+    pinned: PinnedGpus | None = None
+    if gpu_class is not None and matrix.parse_gpu_class(gpu_class) is GpuClass.CPU:
+        cls = GpuClass.CPU
+    elif gpus is not None:
+        pinned = resolve_gpus(gpus, inventory)
+        if pinned.compute_capability is not None:
+            cls = matrix.gpu_class_for(pinned.compute_capability)
+            if gpu_class is not None and matrix.parse_gpu_class(gpu_class) != cls:
+                raise UnsupportedError(
+                    f"--gpu-class {gpu_class} was asked for, but the pinned GPUs "
+                    f"({', '.join(pinned.names)}) are of class {cls}",
+                    f"leave out --gpu-class, or pass --gpu-class {cls}",
+                )
+        elif gpu_class is None:
+            raise GpuError(
+                f"--gpus {gpus}: NVML is not available, so the GPUs' class is unknown",
+                "pass --gpu-class cuda-fp8 (compute capability >= 8.9) or --gpu-class cuda",
+            )
+        else:
+            cls = matrix.parse_gpu_class(gpu_class)
+    else:
+        inv = inventory if inventory is not None else _inventory()
+        if inv:
+            # GPUs found but none named: the first one (by NVML index), tensor parallel 1.
+            pinned = resolve_gpus("0", inv)
+            cls = matrix.gpu_class_for(pinned.compute_capability or 0.0)
+        elif gpu_class is not None and matrix.parse_gpu_class(gpu_class) is not GpuClass.CPU:
+            raise GpuError(
+                f"--gpu-class {gpu_class} needs GPUs, and none were found (NVML not available)",
+                "pass --gpus with GPU indices or UUIDs, or run the cpu stack (leave out --gpu-class)",
+            )
+        else:
+            cls = GpuClass.CPU
+    cell = matrix.resolve_target(q, cls, pinned.compute_capability if pinned is not None else None)
+    if not cell.supported:
+        raise UnsupportedError(f"{q} on {cls}: {cell.reason}")
+    folder = (state_dir / name).resolve()
+    secrets = (secrets_dir or folder / "secrets").resolve()
+    options = render.StackOptions(
+        gpu_ids=pinned.device_ids if pinned is not None else ("0",),
+        model=model,
+        projects=tuple(projects),
+        mqtt_port=mqtt_port,
+        secrets_dir=str(secrets),
+        image_version=image_version or render.StackOptions().image_version,
+    )
+    return StackPlan(name, cell, options, state_dir.resolve())
+
+
+def write_stack(plan: StackPlan) -> Path:
+    """Render the compose file for this plan and record the stack; returns the compose file."""
+    plan.folder.mkdir(parents=True, exist_ok=True)
+    plan.compose_file.write_text(render.render_compose(plan.cell, plan.options))
+    record = {
+        "name": plan.name,
+        "quant": str(plan.cell.quant),
+        "gpu_class": str(plan.cell.gpu_class),
+        "served_model_name": plan.served_model_name,
+        "options": {
+            k: list(v) if isinstance(v, tuple) else v for k, v in asdict(plan.options).items()
+        },
+    }
+    (plan.folder / "stack.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    return plan.compose_file
+
+
+@dataclass(frozen=True)
+class StackRecord:
+    """A stack written by ``up``, as health, chat, ps, logs and down find it."""
+
+    name: str
+    folder: Path
+    quant: str
+    gpu_class: str
+    served_model_name: str
+    projects: tuple[str, ...]
+    mqtt_port: int
+    secrets_dir: Path
+    client_id: str
+
+    @property
+    def compose_file(self) -> Path:
+        return self.folder / "compose.yaml"
+
+
+def load_stack(name: str = DEFAULT_NAME, state_dir: Path = DEFAULT_STATE_DIR) -> StackRecord:
+    folder = (state_dir / name).resolve()
+    try:
+        data = json.loads((folder / "stack.json").read_text())
+    except FileNotFoundError as exc:
+        raise UsageError(
+            f"no stack named {name!r} in {state_dir}",
+            "start one with `deploykit up` (or pass --name/--state-dir of an existing one)",
+        ) from exc
+    opts = data["options"]
+    return StackRecord(
+        name=data["name"],
+        folder=folder,
+        quant=data["quant"],
+        gpu_class=data["gpu_class"],
+        served_model_name=data["served_model_name"],
+        projects=tuple(opts["projects"]),
+        mqtt_port=int(opts["mqtt_port"]),
+        secrets_dir=Path(opts["secrets_dir"]),
+        client_id=opts["client_id"],
+    )
+
+
+# --- compose verbs --------------------------------------------------------------------------------
+
+
+def compose(
+    name: str, compose_file: Path, args: Sequence[str], *, capture: bool = False
+) -> subprocess.CompletedProcess[str]:
+    """Run one compose command for this stack; DockerError when it fails."""
+    cmd = [*compose_command(), "-p", name, "-f", str(compose_file), *args]
+    proc = subprocess.run(cmd, capture_output=capture, text=True, check=False)
+    if proc.returncode != 0:
+        detail = (proc.stderr or proc.stdout or "").strip()[-2000:] if capture else ""
+        low = detail.lower()
+        if "could not select device driver" in low:
+            raise DockerError(
+                f"`{' '.join(args[:1])}` failed: Docker cannot give GPUs to containers",
+                "install the NVIDIA Container Toolkit and restart dockerd, or run the cpu stack",
+            )
+        if "cannot connect" in low or "connection refused" in low:
+            raise DockerError("the Docker daemon is not reachable", "start dockerd and retry")
+        raise DockerError(
+            f"`{' '.join(cmd)}` failed (exit {proc.returncode}){': ' + detail if detail else ''}",
+            f"see `deploykit logs --name {name}` and `deploykit ps --name {name}`",
+        )
+    return proc
+
+
+def up(plan: StackPlan, *, start: bool = True) -> Path:
+    """Write the compose file and create (and start) the stack; returns the compose file."""
+    compose_file = write_stack(plan)
+    args = ["up", "-d", "--remove-orphans"] if start else ["up", "--no-start"]
+    compose(plan.name, compose_file, args, capture=True)
+    return compose_file
+
+
+def down(record: StackRecord, *, keep_data: bool = False) -> None:
+    """Stop and remove the stack's containers and networks (and volumes unless keep_data)."""
+    args = ["down", "--remove-orphans"] + ([] if keep_data else ["--volumes"])
+    compose(record.name, record.compose_file, args, capture=True)
+
+
+def ps(record: StackRecord) -> str:
+    return compose(record.name, record.compose_file, ["ps"], capture=True).stdout
+
+
+def logs(
+    record: StackRecord, services: Sequence[str] = (), *, follow: bool = False, tail: str = "200"
+) -> None:
+    args = ["logs", "--no-color", f"--tail={tail}"] + (["--follow"] if follow else [])
+    compose(record.name, record.compose_file, [*args, *services])
