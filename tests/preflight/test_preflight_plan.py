@@ -369,3 +369,9 @@ def test_gate_without_gpus_checks_method_and_checkpoint(make_model: MakeModel) -
 
 def test_default_utilization_is_vllms() -> None:
     assert DEFAULT_GPU_MEMORY_UTILIZATION == 0.92
+
+
+def test_gate_with_a_hub_id_notes_what_it_did_not_check(h100: GpuInventory) -> None:
+    result = gate("awq", gpus=h100.gpus, driver=h100.driver, model="Qwen/Qwen2.5-7B-Instruct-AWQ")
+    assert result.ok and result.profile is None
+    assert "not a local directory" in result.notes[0]
