@@ -74,36 +74,45 @@ class HostProbe:
         return dict(Docker.connect().client.info())
 
     def running_broker_ports(self) -> list[tuple[str, int]] | None:
-        """(host, port) of each running deploykit broker container; None when no stack is up."""
+        """(host, port) published by each running deploykit broker container; None when none runs.
+
+        Found by compose's service label and the image name, so it works from any directory
+        (the stack's state folder is not needed).
+        """
         from deploykit.docker import Docker
+        from deploykit.stack import COMPOSE_SERVICE_LABEL
 
         found = []
-        for c in Docker.connect().client.containers.list():
+        for c in Docker.connect().containers({COMPOSE_SERVICE_LABEL: "broker"}):
             image = str(c.attrs.get("Config", {}).get("Image", ""))
-            if not image.startswith("deploykit/broker"):
+            if c.status != "running" or not image.startswith("deploykit/broker"):
                 continue
             for binding in (c.ports or {}).get("1883/tcp") or []:
                 host = binding.get("HostIp") or "127.0.0.1"
-                found.append(
-                    ("127.0.0.1" if host in ("0.0.0.0", "::") else host, int(binding["HostPort"]))
-                )
+                host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+                found.append((host, int(binding["HostPort"])))
         return found or None
 
     def compose_version(self) -> tuple[str, str] | None:
         """("v2", version) for ``docker compose``, ("v1", version) for ``docker-compose``, else None."""
-        for kind, cmd in (
-            ("v2", ["docker", "compose", "version", "--short"]),
-            ("v1", ["docker-compose", "version", "--short"]),
-        ):
-            if not shutil.which(cmd[0]):
-                continue
-            try:
-                out = subprocess.run(cmd, capture_output=True, text=True, timeout=20)
-            except (OSError, subprocess.TimeoutExpired):
-                continue
-            if out.returncode == 0 and out.stdout.strip():
-                return kind, out.stdout.strip().splitlines()[0]
-        return None
+        from deploykit.stack import compose_command  # the same choice `deploykit up` makes
+
+        try:
+            cmd = compose_command()
+        except DeployKitError:
+            return None
+        try:
+            out = subprocess.run(
+                [*cmd, "version", "--short"], capture_output=True, text=True, timeout=20
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        version = (
+            out.stdout.strip().splitlines()[0]
+            if out.returncode == 0 and out.stdout.strip()
+            else "?"
+        )
+        return ("v2" if cmd[0] == "docker" else "v1"), version
 
     def inventory(self) -> GpuInventory:
         return read_inventory()
@@ -284,7 +293,12 @@ class BrokerCheck:
                 answers.append(
                     f"{host}:{port} answers MQTT (CONNACK {rc}{', credentials required' if rc in (4, 5) else ''})"
                 )
-            return CheckResult(self.name, Status.OK, "; ".join(answers))
+            return CheckResult(
+                self.name,
+                Status.OK,
+                "; ".join(answers)
+                + " (`deploykit health` checks accounts and the engine end to end)",
+            )
 
         return _guard(self.name, go)
 

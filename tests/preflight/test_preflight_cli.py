@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import shutil
+import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -305,3 +308,48 @@ def test_a_check_that_raises_becomes_a_failed_result() -> None:
 
     (result,) = doctor.run_checks([doctor.ComposeCheck(Boom())])
     assert (result.status, result.detail, result.hint) == (doctor.Status.FAIL, "boom", "do this")
+
+
+# --- the real probe's edges -----------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not shutil.which("mosquitto"), reason="needs the mosquitto binary")
+def test_mqtt_connack_against_a_real_mosquitto(tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    conf = tmp_path / "m.conf"
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous false\n")
+    proc = subprocess.Popen(["mosquitto", "-c", str(conf)], stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                rc = doctor.HostProbe().mqtt_connack("127.0.0.1", port, timeout=2)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        assert rc == 5  # not authorised: a broker answered, and it wants credentials
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+    with pytest.raises(OSError):
+        doctor.HostProbe().mqtt_connack("127.0.0.1", port, timeout=1)
+
+
+@pytest.mark.docker
+def test_real_probe_reads_docker(tmp_path: Path) -> None:
+    probe = doctor.HostProbe()
+    try:
+        info = probe.docker_info
+    except DockerError:
+        pytest.skip("no Docker daemon here")
+    assert "Runtimes" in info
+    # The probe's Docker and stack calls work (a broken import or signature would FAIL here).
+    result = doctor.BrokerCheck(probe).run()
+    assert result.status is not doctor.Status.FAIL or "does not answer MQTT" in result.detail
+    if shutil.which("docker-compose"):
+        compose = doctor.ComposeCheck(probe).run()
+        assert compose.status is doctor.Status.OK and "docker" in compose.detail
