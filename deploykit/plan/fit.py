@@ -232,6 +232,24 @@ def evaluate(
     )
 
 
+def _one_row_per_refusal(profiles: list[Profile], *, several_kv: bool) -> list[Profile]:
+    """An incompatible method is listed once per reason, not at every TP size and KV dtype; a KV
+    dtype the engine overrides (the cuda-fp8 fp8 engine sets fp8) is not listed at all."""
+    kept: list[Profile] = []
+    seen: set[tuple[object, ...]] = set()
+    for p in profiles:
+        if p.status is Status.INCOMPATIBLE:
+            if several_kv and "sets --kv-cache-dtype" in p.reason:
+                continue
+            key: tuple[object, ...] = (p.quant, p.reason)
+        else:
+            key = (p.quant, p.tensor_parallel_size, p.kv_cache_dtype)
+        if key not in seen:
+            seen.add(key)
+            kept.append(p)
+    return kept
+
+
 def make_plan(
     model: ModelInfo,
     gpus: Sequence[GpuInfo],
@@ -271,28 +289,7 @@ def make_plan(
         for tp in tps
         for kv in kv_dtypes
     ]
-    # Drop fp8-KV duplicates of engines that fix the KV dtype, and KV variants of impossible methods.
-    seen: set[tuple[Quant, int, str]] = set()
-    kept = []
-    for p in profiles:
-        key = (
-            (p.quant, 0, p.reason)  # one line per reason: the same refusal at every TP / KV dtype
-            if p.status is Status.INCOMPATIBLE and "GPUs" not in p.reason
-            else (
-                p.quant,
-                p.tensor_parallel_size,
-                p.kv_cache_dtype + p.reason * (p.status is Status.INCOMPATIBLE),
-            )
-        )
-        if (
-            p.status is Status.INCOMPATIBLE
-            and "sets --kv-cache-dtype" in p.reason
-            and len(kv_dtypes) > 1
-        ):
-            continue
-        if key not in seen:
-            seen.add(key)
-            kept.append(p)
+    kept = _one_row_per_refusal(profiles, several_kv=len(kv_dtypes) > 1)
     try:
         order = PREFERENCE[gpu_class_of(gpus)]
     except DeployKitError:
