@@ -50,7 +50,7 @@ class GpuInfo:
     def label(self) -> str:
         """Short human description: ``0: NVIDIA H100 80GB HBM3 (GPU-1234…, CC 9.0, 79.2 GiB)``."""
         return (
-            f"{self.index}: {self.name} ({self.uuid}, CC {self.compute_capability:g}, "
+            f"{self.index}: {self.name} ({self.uuid}, CC {self.compute_capability:.1f}, "
             f"{self.memory_total_gib:.1f} GiB)"
         )
 

@@ -227,7 +227,9 @@ class DriverCheck:
         def go() -> CheckResult:
             inv = self.probe.inventory()
             d = inv.driver
-            gpus = ", ".join(f"{g.index}: {g.name} (CC {g.compute_capability:g})" for g in inv.gpus)
+            gpus = ", ".join(
+                f"{g.index}: {g.name} (CC {g.compute_capability:.1f})" for g in inv.gpus
+            )
             problem = check_driver(d)
             if problem:
                 return CheckResult(

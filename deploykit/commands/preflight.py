@@ -53,7 +53,7 @@ def gpus_table(inv: GpuInventory) -> Table:
         table.add_row(
             str(g.index),
             escape(g.name),
-            f"{g.compute_capability:g}",
+            f"{g.compute_capability:.1f}",
             f"{g.memory_total_gib:.1f} GiB",
             f"{g.memory_free_gib:.1f} GiB",
             mig,

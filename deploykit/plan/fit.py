@@ -127,7 +127,7 @@ def gpu_class_of(gpus: Sequence[GpuInfo]) -> GpuClass:
     if len(classes) > 1:
         raise UnsupportedError(
             "the selected GPUs are of different classes: "
-            + "; ".join(f"{g.index} {g.name} (CC {g.compute_capability:g})" for g in gpus),
+            + "; ".join(f"{g.index} {g.name} (CC {g.compute_capability:.1f})" for g in gpus),
             "select GPUs of one kind with --gpus",
         )
     return classes.pop()

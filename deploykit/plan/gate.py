@@ -100,7 +100,7 @@ def gate(
                 actual = gpu_class_for(g.compute_capability)
                 if actual is not cls:
                     raise UnsupportedError(
-                        f"GPU {g.index} ({g.name}, CC {g.compute_capability:g}) is class {actual}, "
+                        f"GPU {g.index} ({g.name}, CC {g.compute_capability:.1f}) is class {actual}, "
                         f"not {cls}",
                         f"use --gpu-class {actual} for this GPU",
                     )
