@@ -21,7 +21,7 @@ from deploykit.devices import (
 )
 from deploykit.doctor import Status as CheckStatus
 from deploykit.doctor import default_checks, report_json, run_checks
-from deploykit.errors import CheckFailed, ModelError
+from deploykit.errors import CheckFailed, GpuError, ModelError
 from deploykit.plan import (
     DEFAULT_GPU_MEMORY_UTILIZATION,
     Plan,
@@ -176,7 +176,13 @@ def register(app: typer.Typer) -> None:
         Exits 6 when the checkpoint does not match --quant or nothing fits.
         """
         info = read_model(model)
-        inv = load_inventory(gpus_file) if gpus_file else read_inventory()
+        try:
+            inv = load_inventory(gpus_file) if gpus_file else read_inventory()
+        except GpuError as err:
+            raise GpuError(
+                err.message,
+                f"{err.hint}; or plan for another machine: --gpus-file FILE (its `deploykit gpus --json`)",
+            ) from None
         selected = resolve_gpu_spec(gpus, inv.gpus)
         plan = make_plan(
             info,

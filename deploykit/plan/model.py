@@ -255,6 +255,19 @@ def read_safetensors_headers(model_dir: Path) -> tuple[int, int, int] | None:
     Reads only each file's JSON header (8-byte length + JSON), never the tensors.
     """
     files = sorted(model_dir.glob("*.safetensors"))
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = set(json.loads(index.read_text()).get("weight_map", {}).values())
+        except (OSError, ValueError) as err:
+            raise ModelError(f"cannot read {index}: {err}") from None
+        missing = sorted(s for s in shards if not (model_dir / s).is_file())
+        if missing:
+            raise ModelError(
+                f"{model_dir} is incomplete: {len(missing)} of {len(shards)} safetensors shards are "
+                f"missing ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})",
+                "finish the download (`hf download ORG/NAME --local-dir DIR` resumes)",
+            )
     if not files:
         return None
     total = linear = other = 0

@@ -353,3 +353,11 @@ def test_real_probe_reads_docker(tmp_path: Path) -> None:
     if shutil.which("docker-compose"):
         compose = doctor.ComposeCheck(probe).run()
         assert compose.status is doctor.Status.OK and "docker" in compose.detail
+
+
+@pytest.mark.skipif(_nvml_works(), reason="this machine has an NVIDIA driver")
+def test_plan_without_driver_points_to_gpus_file(
+    model_dir: Callable[[dict[str, Any]], str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = run(["plan", "--model", model_dir(LLAMA3_8B)], capsys)
+    assert code == ExitCode.NO_GPU and "--gpus-file" in err

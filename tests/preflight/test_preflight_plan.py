@@ -3,6 +3,7 @@ and the gate fed with the recorded H100 inventory and written A100 / T4 / V100 c
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -375,3 +376,14 @@ def test_gate_with_a_hub_id_notes_what_it_did_not_check(h100: GpuInventory) -> N
     result = gate("awq", gpus=h100.gpus, driver=h100.driver, model="Qwen/Qwen2.5-7B-Instruct-AWQ")
     assert result.ok and result.profile is None
     assert "not a local directory" in result.notes[0]
+
+
+def test_incomplete_download_is_a_model_error(make_model: MakeModel) -> None:
+    path = make_model(LLAMA3_8B)
+    weight_map = {
+        "a.weight": "model-00001-of-00002.safetensors",
+        "b.weight": "model-00002-of-00002.safetensors",
+    }
+    (path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(ModelError, match="2 of 2 safetensors shards are missing"):
+        read_model(path)
