@@ -252,7 +252,7 @@ def gpu_class_for(compute_capability: float) -> GpuClass:
         ):
             return spec.name
     raise UnsupportedError(
-        f"a GPU of compute capability {compute_capability:g} is not supported by vLLM {VLLM_VERSION} images",
+        f"a GPU of compute capability {compute_capability:.1f} is not supported by vLLM {VLLM_VERSION} images",
         "vLLM's CUDA images are built for compute capability 7.5 and newer since v0.20 (Volta 7.0 "
         "was dropped); use a Turing or newer GPU, or the cpu class",
     )
@@ -411,8 +411,8 @@ def resolve_target(
     if cell.min_compute_capability is not None and compute_capability < cell.min_compute_capability:
         fits = ", ".join(m.value for m in methods_for(compute_capability))
         raise UnsupportedError(
-            f"--quant {q} on {c} needs compute capability >= {cell.min_compute_capability:g}, "
-            f"but the GPU has {compute_capability:g}",
+            f"--quant {q} on {c} needs compute capability >= {cell.min_compute_capability:.1f}, "
+            f"but the GPU has {compute_capability:.1f}",
             f"this GPU is class {actual}; methods that run on it: {fits} (use --gpu-class {actual})",
         )
     if cell.dtype_below_bf16 and compute_capability < BF16_MIN_CC and "--dtype" in cell.vllm_args:

@@ -20,6 +20,7 @@ from deploykit.matrix import (
     BF16_MIN_CC,
     CPU_DEMO_MODEL,
     CPU_DEMO_SERVED_NAME,
+    METHODS,
     MOSQUITTO_BASE_IMAGE,
     PYTHON_BASE_IMAGE,
     VLLM_CPU_VERSION,
@@ -196,6 +197,13 @@ def _guard_facts(cell: Cell) -> dict[str, object]:
         "online_quant_args": list(cell.online_quant_args),
         "requires_prequantized": cell.requires_prequantized,
         "checkpoint_quant_methods": list(cell.checkpoint_quant_methods),
+        # quantization_config.quant_method of a checkpoint -> the deploykit method that serves it
+        "quant_methods": {
+            raw: str(q)
+            for q, m in METHODS.items()
+            if not m.removed
+            for raw in m.checkpoint_quant_methods
+        },
         "alternatives": [list(a) for a in alternatives],
         "serve": (
             ["python3", "-m", "vllm.entrypoints.openai.api_server"]

@@ -16,7 +16,7 @@ import shutil
 import subprocess
 import sys
 
-FACTS = json.loads("{\"alternatives\": [[7.5, \"none\", \"cuda\"], [7.5, \"fp8\", \"cuda\"], [7.5, \"awq\", \"cuda\"], [7.5, \"gptq\", \"cuda\"], [7.5, \"bitsandbytes\", \"cuda\"], [8.9, \"none\", \"cuda-fp8\"], [8.9, \"fp8\", \"cuda-fp8\"], [8.9, \"awq\", \"cuda-fp8\"], [8.9, \"gptq\", \"cuda-fp8\"], [8.9, \"bitsandbytes\", \"cuda-fp8\"]], \"bf16_min_compute_capability\": 8.0, \"checkpoint_quant_methods\": [\"awq\", \"awq_marlin\"], \"dtype_below_bf16\": \"float16\", \"gpu_class\": \"cuda\", \"min_compute_capability\": 7.5, \"online_quant_args\": [], \"quant\": \"awq\", \"requires_prequantized\": true, \"runtime_uid\": 10001, \"serve\": [\"vllm\", \"serve\"], \"vllm_args\": []}")
+FACTS = json.loads("{\"alternatives\": [[7.5, \"none\", \"cuda\"], [7.5, \"fp8\", \"cuda\"], [7.5, \"awq\", \"cuda\"], [7.5, \"gptq\", \"cuda\"], [7.5, \"bitsandbytes\", \"cuda\"], [8.9, \"none\", \"cuda-fp8\"], [8.9, \"fp8\", \"cuda-fp8\"], [8.9, \"awq\", \"cuda-fp8\"], [8.9, \"gptq\", \"cuda-fp8\"], [8.9, \"bitsandbytes\", \"cuda-fp8\"]], \"bf16_min_compute_capability\": 8.0, \"checkpoint_quant_methods\": [\"awq\", \"awq_marlin\"], \"dtype_below_bf16\": \"float16\", \"gpu_class\": \"cuda\", \"min_compute_capability\": 7.5, \"online_quant_args\": [], \"quant\": \"awq\", \"quant_methods\": {\"awq\": \"awq\", \"awq_marlin\": \"awq\", \"bitsandbytes\": \"bitsandbytes\", \"fp8\": \"fp8\", \"gptq\": \"gptq\", \"gptq_marlin\": \"gptq\"}, \"requires_prequantized\": true, \"runtime_uid\": 10001, \"serve\": [\"vllm\", \"serve\"], \"vllm_args\": []}")
 SECRETS_DIR = "/run/secrets"
 PRIVATE_DIR = "/run/deploykit"
 
@@ -109,55 +109,71 @@ def arg_value(args, flag):
     return None
 
 
-def checkpoint_quant_method(model):
-    """quant_method of a local checkpoint; '' when unquantized; None when it cannot be read."""
+def checkpoint_method(model):
+    """How a local checkpoint is quantized: (description, method name or None).
+
+    method is "" for an unquantized checkpoint and None for a quantization no deploykit method
+    covers; (None, None) when the checkpoint cannot be read (not a local folder).
+    """
     if not model or not os.path.isdir(model):
-        return None
+        return None, None
     try:
         with open(os.path.join(model, "config.json")) as f:
             config = json.load(f)
     except (OSError, ValueError):
-        return None
-    for key in ("quantization_config", "compression_config"):
-        q = config.get(key)
-        if isinstance(q, dict):
-            return str(q.get("quant_method") or q.get("format") or key).lower()
+        return None, None
+    q = config.get("quantization_config") or config.get("compression_config")
+    if isinstance(q, dict):
+        raw = str(q.get("quant_method") or "compressed-tensors").lower()
+        if raw == "compressed-tensors":
+            groups = [g.get("weights") or {} for g in (q.get("config_groups") or {}).values() if isinstance(g, dict)]
+            w = groups[0] if groups else {}
+            if w.get("num_bits") == 8 and str(w.get("type", "")).lower() == "float":
+                return "quantized with FP8 (compressed-tensors)", "fp8"
+            return f"quantized with compressed-tensors ({w.get('type', '?')} {w.get('num_bits', '?')}-bit)", None
+        if raw == "modelopt":
+            algo = str(q.get("quant_algo", "")).upper()
+            return f"quantized with NVIDIA ModelOpt {algo}", "fp8" if algo.startswith("FP8") else None
+        return f"quantized with {raw}", FACTS["quant_methods"].get(raw)
     try:
         with open(os.path.join(model, "hf_quant_config.json")) as f:
-            algo = json.load(f).get("quantization", {}).get("quant_algo", "modelopt")
-        return str(algo).lower()
+            algo = str(json.load(f).get("quantization", {}).get("quant_algo", "")).upper()
+        return f"quantized with NVIDIA ModelOpt {algo}", "fp8" if algo.startswith("FP8") else None
     except (OSError, ValueError):
-        return ""
+        return "not quantized (bf16/fp16 weights)", ""
 
 
 def check_checkpoint(args, fixed):
     model = arg_value(args, "--model")
-    method = checkpoint_quant_method(model)
+    what, method = checkpoint_method(model)
     quant = FACTS["quant"]
-    if method is None:
+    if what is None:
         log(f"checkpoint check skipped: {model!r} is not a local folder with a config.json")
         return fixed
-    own = FACTS["checkpoint_quant_methods"]
-    what = f"quantized with {method}" if method else "not quantized (bf16/fp16 weights)"
-    if FACTS["requires_prequantized"] and method not in own:
+    if method == quant:
+        if FACTS["online_quant_args"]:
+            log(f"checkpoint is already {what}: vLLM detects it, so the on-the-fly flags are dropped")
+            online = FACTS["online_quant_args"]
+            for i in range(len(fixed) - len(online) + 1):
+                if fixed[i : i + len(online)] == online:
+                    return fixed[:i] + fixed[i + len(online) :]
+        return fixed
+    if method is None:
+        fail(6, f"--quant {quant} was asked for, but {model} is {what}, which no deploykit method serves",
+             "use a checkpoint that is unquantized, or quantized with awq, gptq, fp8 or bitsandbytes")
+    if FACTS["requires_prequantized"]:
         fail(
             6,
             f"--quant {quant} needs a checkpoint quantized with {quant}, but {model} is {what}",
             "use a pre-quantized checkpoint of this method, or pick the method that fits this one"
-            + (f" (a {method} checkpoint runs with --quant {method})" if method else " (none, fp8 or bitsandbytes)"),
+            + (f" (it runs with --quant {method})" if method else " (none, fp8 or bitsandbytes)"),
         )
-    if method and method not in own:
+    if method:
         fail(
             6,
             f"--quant {quant} was asked for, but {model} is {what}",
             f"serve it with --quant {method}, or use an unquantized checkpoint for {quant}",
         )
-    if method in own and FACTS["online_quant_args"]:
-        log(f"checkpoint is already {method}: vLLM detects it, so the on-the-fly flags are dropped")
-        online = FACTS["online_quant_args"]
-        for i in range(len(fixed) - len(online) + 1):
-            if fixed[i : i + len(online)] == online:
-                return fixed[:i] + fixed[i + len(online) :]
     return fixed
 
 

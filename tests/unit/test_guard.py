@@ -154,3 +154,37 @@ def test_hub_model_id_skips_the_checkpoint_check(
     guard = load_guard(tmp_path, "awq", "cuda")
     assert guard.check_checkpoint(["--model", "Qwen/Qwen2.5-7B-Instruct-AWQ"], []) == []
     assert "checkpoint check skipped" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {
+            "quant_method": "compressed-tensors",
+            "config_groups": {"group_0": {"weights": {"num_bits": 8, "type": "float"}}},
+        },
+        {"quant_method": "modelopt", "quant_algo": "FP8"},
+    ],
+    ids=["compressed-tensors", "modelopt"],
+)
+def test_fp8_checkpoints_in_other_formats_are_fp8(tmp_path: Path, config: dict) -> None:
+    guard = load_guard(tmp_path, "fp8", "cuda-fp8")
+    model = checkpoint(tmp_path, config)
+    assert guard.check_checkpoint(["--model", model], list(guard.FACTS["vllm_args"])) == [
+        "--kv-cache-dtype",
+        "fp8",
+    ]
+
+
+def test_int4_compressed_tensors_is_not_served_as_fp8(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    guard = load_guard(tmp_path, "fp8", "cuda-fp8")
+    config = {
+        "quant_method": "compressed-tensors",
+        "config_groups": {"g": {"weights": {"num_bits": 4, "type": "int"}}},
+    }
+    with pytest.raises(SystemExit) as exit_:
+        guard.check_checkpoint(["--model", checkpoint(tmp_path, config)], [])
+    assert exit_.value.code == ExitCode.MODEL
+    assert "compressed-tensors (int 4-bit)" in capsys.readouterr().err
