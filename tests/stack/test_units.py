@@ -1,0 +1,225 @@
+"""Containers area logic that needs no Docker: secrets, --gpus, up plans, health layering, errors."""
+
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+
+import pytest
+import yaml
+
+from deploykit import build, devices, health, stack
+from deploykit.baseimages import MOSQUITTO_BASE, PYTHON_BASE, BaseKind, kind_for
+from deploykit.docker import explain
+from deploykit.errors import CheckFailed, GpuError, UnsupportedError, UsageError
+from deploykit.matrix import GpuClass, resolve_target
+from deploykit.secrets import ensure_secrets
+
+DATA = Path(__file__).resolve().parent.parent / "data"
+
+
+# --- secrets ----------------------------------------------------------------------------------------
+
+
+def test_secrets_are_private_stable_and_grow_with_projects(tmp_path: Path) -> None:
+    folder = ensure_secrets(tmp_path / "s", ["general", "maze"])
+    assert stat.S_IMODE(folder.path.stat().st_mode) == 0o700
+    names = sorted(p.name for p in folder.path.iterdir())
+    assert names == [
+        "hf_token",
+        "mqtt_bridge_password",
+        "mqtt_bridge_username",
+        "mqtt_client_general_password",
+        "mqtt_client_maze_password",
+        "mqtt_users",
+    ]
+    for p in folder.path.iterdir():
+        assert stat.S_IMODE(p.stat().st_mode) == 0o600, p
+    users = dict(line.split(":", 1) for line in folder.users_file.read_text().splitlines())
+    assert users["deploykit-bridge"] == folder.bridge_password_file.read_text().strip()
+    assert users["general"] == folder.client_password("general")
+    assert len(users["maze"]) >= 24 and users["maze"] != users["general"]
+    before = folder.users_file.read_text()
+    again = ensure_secrets(tmp_path / "s", ["general", "robot"])
+    after = dict(line.split(":", 1) for line in again.users_file.read_text().splitlines())
+    assert after["general"] == users["general"] and after["maze"] == users["maze"]
+    assert set(after) == {"deploykit-bridge", "general", "maze", "robot"}
+    assert before != again.users_file.read_text()
+    with pytest.raises(UsageError, match="no MQTT account for project 'nope'"):
+        again.client_password("nope")
+
+
+# --- --gpus and up plans -------------------------------------------------------------------------
+
+
+def test_gpus_without_nvml_pass_indices_and_uuids_through() -> None:
+    assert stack.resolve_gpus("2", []).device_ids == ("2",)
+    assert stack.resolve_gpus("0, 1", []).device_ids == ("0", "1")
+    assert stack.resolve_gpus("GPU-abc,GPU-def", []).device_ids == ("GPU-abc", "GPU-def")
+    with pytest.raises(UsageError, match="needs NVML"):
+        stack.resolve_gpus("all", [])
+    with pytest.raises(UsageError, match="twice"):
+        stack.resolve_gpus("1,1", [])
+
+
+def test_gpus_with_nvml_pin_by_uuid(four_h100: list[devices.GpuInfo]) -> None:
+    pinned = stack.resolve_gpus("2", four_h100)
+    assert pinned.device_ids == (four_h100[2].uuid,)
+    assert pinned.compute_capability == 9.0
+    assert stack.resolve_gpus("0,1", four_h100).device_ids == (four_h100[0].uuid, four_h100[1].uuid)
+    with pytest.raises(GpuError, match="no GPU with index 7"):
+        stack.resolve_gpus("7", four_h100)
+
+
+def _compose(plan: stack.StackPlan) -> dict:
+    from deploykit.render import render_compose
+
+    return yaml.safe_load(render_compose(plan.cell, plan.options))
+
+
+def test_up_plan_pins_gpus_and_sets_tensor_parallel(
+    four_h100: list[devices.GpuInfo], tmp_path: Path
+) -> None:
+    plan = stack.plan_up(quant="fp8", gpus="1,3", state_dir=tmp_path, inventory=four_h100)
+    assert plan.cell.gpu_class is GpuClass.CUDA_FP8
+    engine = _compose(plan)["services"]["engine"]
+    devices_ = engine["deploy"]["resources"]["reservations"]["devices"]
+    assert devices_ == [
+        {
+            "driver": "nvidia",
+            "device_ids": [four_h100[1].uuid, four_h100[3].uuid],
+            "capabilities": ["gpu"],
+        }
+    ]
+    assert engine["environment"]["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
+    cmd = engine["command"]
+    assert cmd[cmd.index("--tensor-parallel-size") + 1] == "2"
+
+
+def test_up_without_gpus_is_the_cpu_stack(tmp_path: Path) -> None:
+    plan = stack.plan_up(state_dir=tmp_path, inventory=[])
+    assert plan.cell.gpu_class is GpuClass.CPU
+    assert plan.served_model_name == "demo"
+    assert "deploy" not in _compose(plan)["services"]["engine"]
+
+
+def test_up_refuses_what_the_pinned_gpus_cannot_run(tmp_path: Path) -> None:
+    v100 = devices.load_inventory(DATA / "v100-written.json").gpus
+    with pytest.raises(UnsupportedError, match="compute capability 7"):
+        stack.plan_up(quant="awq", gpus="0", state_dir=tmp_path, inventory=v100)
+    with pytest.raises(GpuError, match="NVML is not available"):
+        stack.plan_up(quant="fp8", gpus="0", state_dir=tmp_path, inventory=[])
+    with pytest.raises(UsageError, match="unknown quantization"):
+        stack.plan_up(quant="int3", state_dir=tmp_path, inventory=[])
+    with pytest.raises(UnsupportedError):
+        stack.plan_up(quant="awq", gpu_class="cpu", state_dir=tmp_path, inventory=[])
+
+
+def test_written_stack_is_found_again(tmp_path: Path) -> None:
+    plan = stack.plan_up(
+        projects=["general", "maze"], state_dir=tmp_path, mqtt_port=18999, inventory=[]
+    )
+    stack.write_stack(plan)
+    record = stack.load_stack(state_dir=tmp_path)
+    assert record.projects == ("general", "maze") and record.mqtt_port == 18999
+    assert record.served_model_name == "demo" and record.compose_file.is_file()
+    assert str(record.secrets_dir).startswith(str(tmp_path.resolve()))
+    with pytest.raises(UsageError, match="no stack named 'other'"):
+        stack.load_stack("other", tmp_path)
+
+
+# --- health layering and waiting ----------------------------------------------------------------
+
+
+class FakeCheck:
+    def __init__(self, name: str, results: list[bool]) -> None:
+        self.name, self.results, self.calls = name, results, 0
+
+    def run(self) -> health.CheckResult:
+        ok = self.results[min(self.calls, len(self.results) - 1)]
+        self.calls += 1
+        return health.CheckResult(self.name, ok, "fine" if ok else "broken")
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+        self.slept: list[float] = []
+
+    def monotonic(self) -> float:
+        return self.t
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.t += seconds
+
+
+def test_a_failed_layer_stops_the_layers_above() -> None:
+    checks = [
+        FakeCheck("broker", [True]),
+        FakeCheck("engine", [False]),
+        FakeCheck("bridge", [True]),
+    ]
+    results = health.run_checks(checks)
+    assert [(r.check, r.ok) for r in results] == [
+        ("broker", True),
+        ("engine", False),
+        ("bridge", False),
+    ]
+    assert results[2].detail == "not run: engine failed" and checks[2].calls == 0
+    err = health.failure(results, 12.0)
+    assert isinstance(err, CheckFailed) and "engine failed after 12 s: broken" in err.message
+
+
+def test_wait_healthy_times_out_on_the_injected_clock() -> None:
+    clock = FakeClock()
+    results, waited = health.wait_healthy(
+        [FakeCheck("engine", [False])], timeout_s=30, pause_s=2, clock=clock
+    )
+    assert not results[0].ok and waited == 30
+    assert sum(clock.slept) == 30 and len(clock.slept) == 15
+
+
+def test_wait_healthy_returns_when_all_pass() -> None:
+    clock = FakeClock()
+    engine = FakeCheck("engine", [False, False, True])
+    results, waited = health.wait_healthy([engine], timeout_s=60, pause_s=5, clock=clock)
+    assert results[0].ok and waited == 10 and engine.calls == 3
+
+
+# --- docker errors and build plans --------------------------------------------------------------
+
+
+def test_daemon_errors_get_hints() -> None:
+    gpu = explain(Exception('could not select device driver "nvidia" with capabilities: [[gpu]]'))
+    assert "NVIDIA Container Toolkit" in (gpu.hint or "") and gpu.exit_code == 4
+    down = explain(Exception("Error while fetching server API version: Connection refused"))
+    assert "daemon is not reachable" in down.message and "start it" in (down.hint or "")
+    base = explain(
+        Exception("pull access denied for python, repository does not exist"), image="python:3.11"
+    )
+    assert "neither present nor pullable" in base.message
+    assert "deploykit base-images" in (base.hint or "")
+
+
+def test_build_plans_read_their_default_base_from_the_dockerfile() -> None:
+    cpu = build.plan_engine(resolve_target("none", "cpu"))
+    assert cpu.tag.startswith("deploykit/engine:none-cpu-")
+    assert (
+        cpu.default_base == "python:3.11-slim-bookworm"
+        and kind_for(cpu.default_base) is BaseKind.PYTHON
+    )
+    broker = build.plan_broker()
+    assert kind_for(broker.default_base) is BaseKind.MOSQUITTO
+    assert build.plan_bridge().needs_deploykit_wheel
+    assert {str(f.path) for f in cpu.files} >= {"Dockerfile", "guard.py", "make_demo_model.py"}
+    assert PYTHON_BASE != MOSQUITTO_BASE
+
+
+def test_context_digest_follows_content(tmp_path: Path) -> None:
+    (tmp_path / "Dockerfile").write_text("FROM x\n")
+    first = build.context_digest(tmp_path, "sha256:base")
+    assert build.context_digest(tmp_path, "sha256:base") == first
+    assert build.context_digest(tmp_path, "sha256:other") != first
+    (tmp_path / "Dockerfile").write_text("FROM y\n")
+    assert build.context_digest(tmp_path, "sha256:base") != first
