@@ -15,7 +15,16 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    field_validator,
+)
 
 MAX_TOPIC_LENGTH = 256
 MAX_ID_LENGTH = 128
@@ -57,6 +66,13 @@ class ChatRequest(BaseModel):
     format: Literal["text", "json"] = "text"
     stream: StrictBool = False
     probe: StrictBool = False
+
+    @field_validator("temperature", "topP", mode="before")
+    @classmethod
+    def _number_not_bool(cls, value: Any) -> Any:
+        if isinstance(value, bool) or not isinstance(value, int | float | None):
+            raise ValueError("must be a number")
+        return value
 
 
 @dataclass(frozen=True)

@@ -195,6 +195,9 @@ class Bridge:
             client.loop_stop()
         for task in list(self._tasks):
             task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
         await self.sessions.aclose()
         await self.engine.aclose()
         await self.http.stop()
@@ -209,6 +212,8 @@ class Bridge:
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 5.0)
+            if stop.is_set():
+                return
             expired = self.sessions.expire()
             if expired:
                 log.info("expired %d idle sessions", expired)

@@ -1,0 +1,406 @@
+"""Pure logic of the bridge, without a broker or an engine: protocol validation, reply topics,
+token trimming, per-session ordering, expiry, rate limits, de-duplication, config and settings."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+
+from deploykit.bridge.config import load_config, settings_from
+from deploykit.bridge.limits import DedupeCache, StoredReply, TokenBucket
+from deploykit.bridge.metrics import Metrics
+from deploykit.bridge.protocol import (
+    Accepted,
+    ErrorCode,
+    Rejection,
+    Routing,
+    error_payload,
+    ok_payload,
+    parse_request,
+    reply_topic_problem,
+    session_id_problem,
+)
+from deploykit.bridge.sessions import PromptTooLong, SessionStore, Turn, trim_history
+from deploykit.errors import UsageError
+from deploykit.mqttclient import BrokerAddress, parse_broker_url, read_credentials
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def parse(payload: bytes | dict[str, object], **kw: object) -> Accepted | Rejection:
+    raw = json.dumps(payload).encode() if isinstance(payload, dict) else payload
+    return parse_request("general", raw, **kw)  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------------------ protocol
+def test_legacy_request_accepted_with_default_topic() -> None:
+    result = parse({"sessionId": "s1", "message": "hi", "clientId": "game"})
+    assert isinstance(result, Accepted)
+    assert result.routing.reply_topic == "general/assistant_response/s1"
+    assert result.routing.format == "text"
+    assert result.request.temperature is None  # missing, not 0
+
+
+def test_temperature_zero_kept() -> None:
+    result = parse({"sessionId": "s1", "message": "hi", "temperature": 0})
+    assert isinstance(result, Accepted) and result.request.temperature == 0.0
+
+
+def test_response_topic_preferred_over_payload() -> None:
+    result = parse(
+        {"sessionId": "s1", "message": "hi", "replyTopic": "general/a"},
+        response_topic="general/b",
+    )
+    assert isinstance(result, Accepted) and result.routing.reply_topic == "general/b"
+
+
+@pytest.mark.parametrize(
+    ("payload", "code"),
+    [
+        (b"not json", ErrorCode.INVALID_JSON),
+        (b"[1]", ErrorCode.NOT_AN_OBJECT),
+        (b'{"sessionId": "s", "message": "\xff"}', ErrorCode.INVALID_UTF8),
+        ({"sessionId": "s"}, ErrorCode.INVALID_REQUEST),
+        ({"sessionId": "s", "message": 1}, ErrorCode.INVALID_REQUEST),
+        ({"sessionId": "s", "message": "m", "temperature": True}, ErrorCode.INVALID_REQUEST),
+        ({"sessionId": "s", "message": "m", "temperature": 2.5}, ErrorCode.OUT_OF_RANGE),
+        ({"sessionId": "s", "message": "m", "topP": 0}, ErrorCode.OUT_OF_RANGE),
+        ({"sessionId": "s", "message": "m", "maxTokens": 0}, ErrorCode.OUT_OF_RANGE),
+        ({"sessionId": "s", "message": "m", "maxTokens": "5"}, ErrorCode.INVALID_REQUEST),
+        ({"sessionId": "a/b", "message": "m"}, ErrorCode.INVALID_SESSION_ID),
+        ({"sessionId": "", "message": "m"}, ErrorCode.INVALID_SESSION_ID),
+        ({"sessionId": "s", "message": "   "}, ErrorCode.INVALID_REQUEST),
+        (
+            {"sessionId": "s", "message": "m", "replyTopic": "other/x"},
+            ErrorCode.INVALID_REPLY_TOPIC,
+        ),
+        ({"sessionId": "s", "message": "x" * 5000}, ErrorCode.PAYLOAD_TOO_LARGE),
+    ],
+)
+def test_rejections(payload: bytes | dict[str, object], code: ErrorCode) -> None:
+    result = parse(payload, max_payload_bytes=4096)
+    assert isinstance(result, Rejection)
+    assert result.code == code, result.message
+
+
+def test_rejection_routing_uses_default_topic_when_reply_topic_refused() -> None:
+    result = parse(
+        {"sessionId": "s", "message": "m", "replyTopic": "maze/x", "format": "json", "requestId": 7}
+    )
+    assert isinstance(result, Rejection)
+    assert result.routing == Routing("general/assistant_response/s", "json", "7", "s")
+
+
+def test_rejection_without_any_topic() -> None:
+    result = parse(b"garbage")
+    assert isinstance(result, Rejection) and result.routing.reply_topic is None
+
+
+@pytest.mark.parametrize(
+    "topic",
+    [
+        "maze/x",
+        "general",
+        "general/+",
+        "general/#",
+        "general/$x",
+        "general//x",
+        "general/x/",
+        "/general/x",
+        "general/user_input",
+        "general/" + "x" * 300,
+        "general/a\x00b",
+        "",
+    ],
+)
+def test_reply_topic_refused(topic: str) -> None:
+    assert reply_topic_problem("general", topic) is not None
+
+
+def test_reply_topic_accepted() -> None:
+    assert reply_topic_problem("general", "general/assistant_response/s1") is None
+    assert reply_topic_problem("general", "general/a/b/c") is None
+
+
+@pytest.mark.parametrize("sid", ["a/b", "a+b", "a#", "", "x" * 200, "a\nb"])
+def test_session_id_refused(sid: str) -> None:
+    assert session_id_problem(sid) is not None
+
+
+def test_payloads() -> None:
+    routing = Routing("general/r", "text", "r1", "s1")
+    assert ok_payload(routing, "héllo", None) == "héllo".encode()
+    env = json.loads(ok_payload(Routing("general/r", "json", "r1", "s1"), "x", {"a": 1}))
+    assert env == {
+        "requestId": "r1",
+        "sessionId": "s1",
+        "status": "ok",
+        "text": "x",
+        "error": None,
+        "usage": {"a": 1},
+    }
+    err = json.loads(error_payload(routing, "rate_limited", "slow down"))
+    assert err["status"] == "error" and err["text"] is None
+    assert err["error"] == {"code": "rate_limited", "message": "slow down"}
+
+
+# ------------------------------------------------------------------------------ trimming
+def exchange(n: int, tokens: int = 10) -> list[Turn]:
+    out = []
+    for i in range(n):
+        out += [Turn("user", f"u{i}", tokens), Turn("assistant", f"a{i}", tokens)]
+    return out
+
+
+def test_trim_keeps_newest_whole_exchanges_within_history_limit() -> None:
+    history = exchange(5)  # each message 10 + 4 overhead = 14; exchange 28
+    result = trim_history(
+        history,
+        new_tokens=5,
+        system_tokens=None,
+        base_overhead=3,
+        per_message_overhead=4,
+        max_history_tokens=60,
+        budget=1000,
+    )
+    assert [t.content for t in result.history] == ["u3", "a3", "u4", "a4"]
+    assert result.dropped == 6
+    assert result.prompt_tokens == 3 + 5 + 4 + 56
+
+
+def test_trim_bounded_by_model_budget() -> None:
+    history = exchange(5)
+    # fixed = 3 + (20+4) + (5+4) = 36; budget 70 leaves 34: one exchange (28)
+    result = trim_history(
+        history,
+        new_tokens=5,
+        system_tokens=20,
+        base_overhead=3,
+        per_message_overhead=4,
+        max_history_tokens=10_000,
+        budget=70,
+    )
+    assert [t.content for t in result.history] == ["u4", "a4"]
+    assert result.prompt_tokens <= 70
+
+
+def test_trim_zero_history() -> None:
+    result = trim_history(
+        exchange(3),
+        new_tokens=5,
+        system_tokens=None,
+        base_overhead=0,
+        per_message_overhead=0,
+        max_history_tokens=0,
+        budget=100,
+    )
+    assert result.history == []
+
+
+def test_single_message_too_long() -> None:
+    with pytest.raises(PromptTooLong) as err:
+        trim_history(
+            [],
+            new_tokens=500,
+            system_tokens=10,
+            base_overhead=3,
+            per_message_overhead=4,
+            max_history_tokens=100,
+            budget=400,
+        )
+    assert err.value.needed == 521 and err.value.budget == 400
+
+
+# ------------------------------------------------------------------------------ ordering, expiry
+def test_session_order_and_cross_session_concurrency() -> None:
+    async def main() -> tuple[list[str], int]:
+        store = SessionStore()
+        log: list[str] = []
+        running = 0
+        peak = 0
+
+        def job(name: str, delay: float):  # type: ignore[no-untyped-def]
+            async def run() -> None:
+                nonlocal running, peak
+                running += 1
+                peak = max(peak, running)
+                await asyncio.sleep(delay)
+                log.append(name)
+                running -= 1
+
+            return run
+
+        # the first job of session a is slow; a's later jobs must still wait for it
+        store.submit(("p", "a"), job("a1", 0.05))
+        store.submit(("p", "a"), job("a2", 0.0))
+        store.submit(("p", "b"), job("b1", 0.01))
+        store.submit(("p", "a"), job("a3", 0.0))
+        await asyncio.sleep(0.2)
+        return log, peak
+
+    log, peak = asyncio.run(main())
+    assert [x for x in log if x.startswith("a")] == ["a1", "a2", "a3"]
+    assert log.index("b1") < log.index("a1")  # b did not wait for a
+    assert peak == 2
+
+
+def test_failing_job_does_not_stop_session() -> None:
+    async def main() -> list[str]:
+        store = SessionStore()
+        log: list[str] = []
+
+        async def boom() -> None:
+            raise RuntimeError("x")
+
+        async def ok() -> None:
+            log.append("ok")
+
+        store.submit(("p", "a"), boom)
+        store.submit(("p", "a"), ok)
+        await asyncio.sleep(0.05)
+        return log
+
+    assert asyncio.run(main()) == ["ok"]
+
+
+def test_idle_expiry_spares_busy_sessions() -> None:
+    clock = Clock()
+    store = SessionStore(idle_s=10, clock=clock)
+    idle = store.get(("p", "idle"))
+    busy = store.get(("p", "busy"))
+    busy.busy = True
+    assert idle.idle
+    clock.now += 11
+    assert store.expire() == 1
+    assert store.peek(("p", "idle")) is None
+    assert store.peek(("p", "busy")) is busy
+
+
+def test_max_sessions_evicts_idle_lru() -> None:
+    store = SessionStore(max_sessions=2)
+    busy = store.get(("p", "1"))
+    busy.busy = True
+    store.get(("p", "2"))
+    store.get(("p", "3"))
+    assert store.peek(("p", "1")) is busy
+    assert store.peek(("p", "2")) is None
+    assert len(store) == 2
+
+
+# ------------------------------------------------------------------------------ limits
+def test_token_bucket() -> None:
+    clock = Clock()
+    bucket = TokenBucket(60, burst=2, clock=clock)  # 1 per second
+    assert bucket.allow() and bucket.allow()
+    assert not bucket.allow()
+    clock.now += 1.0
+    assert bucket.allow()
+    assert not bucket.allow()
+
+
+def test_dedupe_cache_ttl_and_bound() -> None:
+    async def main() -> None:
+        clock = Clock()
+        cache = DedupeCache(ttl_s=10, max_entries=2, clock=clock)
+        assert cache.begin("a") is None
+        entry = cache.begin("a")
+        assert entry is not None and entry.reply is None  # pending repeat
+        cache.finish("a", StoredReply("t", b"x"))
+        assert await cache.wait(entry, 1) == StoredReply("t", b"x")
+        cache.begin("b")
+        cache.finish("b", StoredReply("t", b"y"))
+        cache.begin("c")
+        assert len(cache) <= 3
+        cache.begin("d")
+        assert cache.begin("a") is None  # evicted (bound), so it is new again
+        clock.now += 11
+        assert cache.begin("d") is None  # expired
+
+    asyncio.run(main())
+
+
+def test_dedupe_failure_forgets_key() -> None:
+    cache = DedupeCache()
+    cache.begin("a")
+    cache.finish("a", None)
+    assert cache.begin("a") is None
+
+
+def test_metrics_render() -> None:
+    m = Metrics()
+    m.requests[("general", "ok")] += 2
+    m.errors["invalid_json"] += 1
+    m.observe_latency(0.02)
+    text = m.render({"sessions": 3})
+    assert 'deploykit_bridge_requests_total{project="general",status="ok"} 2' in text
+    assert 'deploykit_bridge_errors_total{code="invalid_json"} 1' in text
+    assert 'deploykit_bridge_request_seconds_bucket{le="0.025"} 1' in text
+    assert "deploykit_bridge_sessions 3" in text
+
+
+# ------------------------------------------------------------------------------ config, settings
+def test_settings_from_env_and_overrides() -> None:
+    env = {
+        "DEPLOYKIT_BROKER": "mqtt://broker:1883",
+        "DEPLOYKIT_ENGINE": "http://engine:8000",
+        "DEPLOYKIT_PROJECTS": "general, maze",
+        "DEPLOYKIT_CLIENT_ID": "deploykit-bridge-1",
+        "DEPLOYKIT_HTTP_PORT": "9000",
+        "DEPLOYKIT_MQTT_USERNAME_FILE": "/run/secrets/u",
+    }
+    s = settings_from(env)
+    assert s.projects == ["general", "maze"] and s.http_port == 9000
+    assert str(s.mqtt_username_file) == "/run/secrets/u"
+    s2 = settings_from(env, {"projects": "x", "broker": None})
+    assert s2.projects == ["x"] and s2.broker == "mqtt://broker:1883"
+    with pytest.raises(UsageError):
+        settings_from({"DEPLOYKIT_PROJECTS": "a/b"})
+
+
+def test_config_file(tmp_path: Path) -> None:
+    path = tmp_path / "bridge.yaml"
+    path.write_text(
+        "defaults:\n  max_history_tokens: 100\n"
+        "projects:\n  maze:\n    system_prompt: Guide.\n    rate_limit_per_minute: 10\n"
+        "bridge:\n  max_in_flight: 8\n"
+    )
+    cfg = load_config(path)
+    assert cfg.project("maze").system_prompt == "Guide."
+    assert cfg.project("maze").max_history_tokens == 100
+    assert cfg.project("general").rate_limit_per_minute is None
+    assert cfg.bridge.max_in_flight == 8
+    path.write_text("projects:\n  maze:\n    temprature: 1\n")
+    with pytest.raises(UsageError, match="temprature"):
+        load_config(path)
+    assert load_config(None).project("any").default_max_tokens == 256
+
+
+# ------------------------------------------------------------------------------ mqttclient
+def test_parse_broker_url() -> None:
+    assert parse_broker_url("mqtt://broker:1884") == BrokerAddress("broker", 1884)
+    assert parse_broker_url("localhost") == BrokerAddress("localhost", 1883)
+    for bad in ("http://x", "mqtt://u:p@x", "mqtt://", "mqtt://x:notaport"):
+        with pytest.raises(UsageError):
+            parse_broker_url(bad)
+
+
+def test_read_credentials(tmp_path: Path) -> None:
+    assert read_credentials(None, None) is None
+    (tmp_path / "u").write_text("bridge\n")
+    (tmp_path / "p").write_text("s3cret\n")
+    creds = read_credentials(tmp_path / "u", tmp_path / "p")
+    assert creds is not None and creds.username == "bridge" and creds.password == "s3cret"
+    assert "s3cret" not in repr(creds)
+    with pytest.raises(UsageError):
+        read_credentials(tmp_path / "missing", None)
+    with pytest.raises(UsageError):
+        read_credentials(None, tmp_path / "p")
