@@ -450,7 +450,7 @@ class Bridge:
                 f"project {project} does not allow clients to set systemPrompt",
             )
         bucket = self.buckets.get(project)
-        if bucket is not None and not bucket.allow():
+        if bucket is not None and not request.probe and not bucket.allow():
             return (
                 ErrorCode.RATE_LIMITED,
                 f"rate limit of project {project} exceeded "
