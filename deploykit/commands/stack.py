@@ -46,7 +46,7 @@ class _Progress:
         if text.startswith(("Step ", "building ", "built ", "using ", "importing ")) or (
             "up to date" in text or "neither present nor pullable" in text
         ):
-            self.console.print(text[:200], markup=False)
+            self.console.print(text, markup=False, no_wrap=True, overflow="ellipsis")
         self.status.update(text[:120])
 
 

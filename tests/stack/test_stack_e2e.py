@@ -65,12 +65,12 @@ def test_images_carry_no_wheelhouse_and_say_what_they_are(
         out = docker_api.client.containers.run(
             tag,
             # Debian's own ensurepip wheels (python3-venv) are part of the base, not ours.
-                entrypoint=[
-                    "sh",
-                    "-c",
-                    "find / -xdev -path /usr/share/python-wheels -prune -o "
-                    "\\( -name '*.whl' -o -name wheelhouse \\) -print | head",
-                ],
+            entrypoint=[
+                "sh",
+                "-c",
+                "find / -xdev -path /usr/share/python-wheels -prune -o "
+                "\\( -name '*.whl' -o -name wheelhouse \\) -print | head",
+            ],
             remove=True,
         )
         assert out.decode().strip() == "", f"{tag} keeps wheels: {out!r}"
@@ -181,6 +181,27 @@ def test_secrets_stay_out_of_inspect_and_logs(
         )
         for s in secrets:
             assert s not in text, f"a password shows in {c.name}'s inspect or logs"
+
+
+def test_services_drop_root(docker_api: Docker, running: stack.StackRecord) -> None:
+    for c in docker_api.containers({stack.COMPOSE_PROJECT_LABEL: NAME}):
+        top = c.top(ps_args="-eo pid,uid,args")
+        # Health checks are exec'd as root for a moment; the services themselves are not root.
+        services = [
+            p
+            for p in top["Processes"]
+            if "urllib.request" not in p[2] and "mosquitto_sub" not in p[2]
+        ]
+        assert services, c.name
+        assert all(p[1] != "0" for p in services), f"{c.name} runs as root: {services}"
+
+
+def test_ps_and_logs(running: stack.StackRecord) -> None:
+    where = ["--name", NAME, "--state-dir", str(running.folder.parent)]
+    ps = cli("ps", *where)
+    assert ps.returncode == 0 and all(s in ps.stdout for s in ("broker", "engine", "bridge"))
+    logs = cli("logs", "engine", "--tail", "all", *where)
+    assert logs.returncode == 0 and "deploykit guard: starting" in logs.stdout
 
 
 def test_down_leaves_nothing(docker_api: Docker, running: stack.StackRecord) -> None:

@@ -223,3 +223,31 @@ def test_context_digest_follows_content(tmp_path: Path) -> None:
     assert build.context_digest(tmp_path, "sha256:other") != first
     (tmp_path / "Dockerfile").write_text("FROM y\n")
     assert build.context_digest(tmp_path, "sha256:base") != first
+
+
+# --- CLI refusals (before Docker is touched) ------------------------------------------------------
+
+
+def _cli(*args: str) -> tuple[int, str]:
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "deploykit", *args], capture_output=True, text=True, check=False
+    )
+    return proc.returncode, proc.stderr
+
+
+def test_up_refusals_exit_with_their_codes(tmp_path: Path) -> None:
+    code, err = _cli("up", "--quant", "awq", "--gpu-class", "cpu", "--state-dir", str(tmp_path))
+    assert code == 3 and "not supported on GPU class cpu" in err and "hint: on cpu use: none" in err
+    code, err = _cli(
+        "up", "--quant", "squeezellm", "--gpu-class", "cpu", "--state-dir", str(tmp_path)
+    )
+    assert code == 3 and "removed from vLLM" in err and "hint: use awq" in err
+    code, err = _cli("up", "--quant", "fp8", "--gpus", "0", "--state-dir", str(tmp_path))
+    assert code == 5 and "NVML is not available" in err
+    code, err = _cli("up", "--quant", "int3", "--state-dir", str(tmp_path))
+    assert code == 2 and "unknown quantization method" in err
+    code, err = _cli("health", "--name", "nothing-here", "--state-dir", str(tmp_path))
+    assert code == 2 and "no stack named 'nothing-here'" in err and "deploykit up" in err

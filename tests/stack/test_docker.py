@@ -1,0 +1,69 @@
+"""deploykit.docker and the base-image fallback against the real daemon (no image is built here)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from deploykit import build
+from deploykit.baseimages import MOSQUITTO_BASE, PYTHON_BASE
+from deploykit.docker import Docker
+from deploykit.errors import DockerError
+
+pytestmark = pytest.mark.docker
+
+
+@pytest.fixture
+def bases(docker_api: Docker) -> None:
+    for name in (PYTHON_BASE, MOSQUITTO_BASE):
+        if not docker_api.image_exists(name):
+            pytest.skip(f"{name} is not built (deploykit base-images)")
+
+
+def test_unpullable_default_base_falls_back_to_the_local_one_and_says_so(
+    docker_api: Docker, bases: None
+) -> None:
+    said: list[str] = []
+    if docker_api.image_exists(build.plan_broker().default_base):
+        pytest.skip("the official Mosquitto image is here; nothing to fall back from")
+    assert build.choose_base(docker_api, build.plan_broker(), None, said.append) == MOSQUITTO_BASE
+    assert any("neither present nor pullable" in s and MOSQUITTO_BASE in s for s in said)
+    assert build.choose_base(docker_api, build.plan_bridge(), None, said.append) == PYTHON_BASE
+
+
+def test_a_missing_base_image_is_a_docker_error_with_a_hint(docker_api: Docker) -> None:
+    with pytest.raises(DockerError) as err:
+        build.choose_base(docker_api, build.plan_bridge(), "deploykit/no-such-base:1", print)
+    assert "neither present nor pullable" in err.value.message
+    assert "deploykit base-images" in (err.value.hint or "")
+
+
+def test_a_build_from_a_missing_base_names_it(docker_api: Docker, tmp_path: Path) -> None:
+    (tmp_path / "Dockerfile").write_text("ARG BASE_IMAGE=x\nFROM ${BASE_IMAGE}\n")
+    with pytest.raises(DockerError) as err:
+        docker_api.build(
+            tmp_path,
+            "deploykit/test-missing-base:1",
+            buildargs={"BASE_IMAGE": "deploykit/no-such-base:1"},
+            base_image="deploykit/no-such-base:1",
+        )
+    assert "deploykit/no-such-base:1" in err.value.message
+    assert "deploykit base-images" in (err.value.hint or "")
+
+
+def test_exec_and_labels_on_a_throwaway_container(docker_api: Docker, bases: None) -> None:
+    name = "deploykit-test-exec"
+    docker_api.remove_container(name)
+    container = docker_api.create_container(
+        PYTHON_BASE, name=name, command=["sleep", "30"], labels={"io.deploykit.test": "exec"}
+    )
+    try:
+        container.start()
+        code, out = docker_api.exec(name, ["python3", "-c", "print(6 * 7)"])
+        assert (code, out.strip()) == (0, "42")
+        assert [c.name for c in docker_api.containers({"io.deploykit.test": "exec"})] == [name]
+    finally:
+        docker_api.remove_container(name)
+    with pytest.raises(DockerError, match="is not running"):
+        docker_api.exec(name, ["true"])
