@@ -251,3 +251,15 @@ def test_up_refusals_exit_with_their_codes(tmp_path: Path) -> None:
     assert code == 2 and "unknown quantization method" in err
     code, err = _cli("health", "--name", "nothing-here", "--state-dir", str(tmp_path))
     assert code == 2 and "no stack named 'nothing-here'" in err and "deploykit up" in err
+
+
+def test_recorded_h100_pinning_matched_nvidia_smi() -> None:
+    """The record from a real H100 (tests/stack/data/README.md) agreed with nvidia-smi."""
+    import json
+
+    record = json.loads((Path(__file__).parent / "data" / "h100-pinning.json").read_text())
+    assert record["ok"] is True
+    gpu = record["gpus"][0]
+    assert (
+        gpu["resolve_index"] == [gpu["nvidia_smi"]["uuid"]] == record["up_fp8_gpus_0"]["device_ids"]
+    )
