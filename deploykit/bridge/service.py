@@ -112,6 +112,10 @@ class Bridge:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._debug = log.isEnabledFor(logging.DEBUG)
         self.ready = asyncio.Event()
+        # The Receive Maximum bounds what the broker sends, but Mosquitto 2.0.11 releases two
+        # messages per PUBACK (seen in its -v log), so the bridge bounds engine work itself too.
+        self._slots = asyncio.Semaphore(self.tuning.max_in_flight)
+        self.active = 0
 
     # ---------------------------------------------------------------- lifecycle
     async def run(self, stop: asyncio.Event) -> None:
@@ -235,6 +239,7 @@ class Bridge:
         return self.metrics.render(
             {
                 "sessions": len(self.sessions),
+                "active": self.active,
                 "mqtt_connected": float(self.mqtt_connected),
                 "engine_up": float(self.engine_ok),
                 "dedupe_entries": len(self.dedupe),
@@ -536,10 +541,15 @@ class Bridge:
                 messages.append({"role": "system", "content": system})
             messages += [{"role": t.role, "content": t.content} for t in trimmed.history]
             messages.append({"role": "user", "content": request.message})
-            completion = await asyncio.wait_for(
-                self._generate(messages, params, request, routing, inbound),
-                self.tuning.request_timeout_s,
-            )
+            async with self._slots:
+                self.active += 1
+                try:
+                    completion = await asyncio.wait_for(
+                        self._generate(messages, params, request, routing, inbound),
+                        self.tuning.request_timeout_s,
+                    )
+                finally:
+                    self.active -= 1
             self.engine_ok = True
             self.metrics.prompt_tokens += completion.prompt_tokens
             self.metrics.completion_tokens += completion.completion_tokens

@@ -99,7 +99,6 @@ class Broker:
             f"persistence_location {workdir}/\n"
             "autosave_interval 1\n"
             "max_queued_messages 10000\n"
-            "max_inflight_messages 0\n"
             f"log_dest file {workdir}/mosquitto.log\n"
             "log_type error\nlog_type warning\nlog_type notice\nlog_type information\n"
         )

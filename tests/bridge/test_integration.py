@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+import yaml
 
 from deploykit.mqttclient import parse_broker_url, request
 
@@ -561,3 +562,52 @@ def test_metrics_count_errors_by_code(bridge: BridgeProcess, client: Client) -> 
     client.get(30, topic="general/rpc/m")
     text = bridge.metrics()
     assert re.search(r'deploykit_bridge_errors_total\{code="invalid_json"\} [1-9]', text)
+
+
+def test_in_flight_bounded(
+    broker_factory: Callable[[], Any],
+    bridge_factory: Callable[..., BridgeProcess],
+    client_factory: Callable[..., Client],
+) -> None:
+    """max_in_flight 4: at most 4 requests reach the engine at once, the rest wait (unacked, so
+    still safe in the broker). The bridge also sends it as its MQTT 5 Receive Maximum; Mosquitto
+    2.0.11 overshoots that after PUBACKs, so the bridge's own bound is what this checks."""
+    b = broker_factory()
+    bridge = bridge_factory(b, "bp", "test-bridge-bp")
+    cfg = yaml.safe_load(bridge.config.read_text())
+    cfg["bridge"]["max_in_flight"] = 4
+    bridge.config.write_text(yaml.safe_dump(cfg))
+    bridge.start()
+    c = client_factory(b)
+    c.subscribe("bp/assistant_response/#")
+    ids = [f"bp{i}" for i in range(24)]
+    for i, rid in enumerate(ids):  # 24 sessions: without the bound all would run at once
+        c.publish(
+            "bp/user_input",
+            {
+                "sessionId": f"s{i}",
+                "message": "m",
+                "requestId": rid,
+                "format": "json",
+                "maxTokens": 48,
+            },
+            wait=False,
+        )
+    peak = 0.0
+    deadline = time.monotonic() + 120
+    while len(_answered(c)) < len(ids) and time.monotonic() < deadline:
+        peak = max(peak, _metric(bridge.metrics(), "deploykit_bridge_active"))
+        time.sleep(0.02)
+    assert _answered(c) == set(ids)
+    assert 2 <= peak <= 4
+
+
+def test_logs_leave_out_user_text(client: Client, bridge: BridgeProcess) -> None:
+    marker = f"secret-{uuid.uuid4().hex}"
+    ask(client, "general", {"sessionId": new_session(), "message": f"my {marker}"})
+    client.publish(
+        "general/user_input", f"not json {marker}".encode(), response_topic="general/rpc/logs"
+    )
+    client.get(30, topic="general/rpc/logs")
+    time.sleep(0.3)
+    assert marker not in bridge.log.read_text()
