@@ -116,8 +116,10 @@ def ensure_secrets(folder: Path, projects: Sequence[str]) -> SecretsFolder:
         users_file = folder / "mqtt_users"
         if not users_file.is_file() or users_file.read_text() != users:
             _write_private(users_file, users)
-        _read_or_create(folder / "hf_token", "")
-        os.chmod(folder / "hf_token", FILE_MODE)
+        hf_token = folder / "hf_token"
+        if not hf_token.is_file():
+            _write_private(hf_token, "")  # empty: no token (gated models need one here)
+        os.chmod(hf_token, FILE_MODE)
     except OSError as exc:
         raise DeployKitError(
             f"cannot write the secrets folder {folder}: {exc.strerror}",

@@ -133,7 +133,9 @@ def register(app: typer.Typer) -> None:
     def up_cmd(
         quant: str = typer.Option("none", "--quant", "-q", help="Quantization method."),
         gpus: str | None = typer.Option(
-            None, "--gpus", help="GPU indices (2, 0,1), UUIDs, all or count=N. None: cpu stack."
+            None,
+            "--gpus",
+            help="GPUs: index (2 = GPU 2), 0,1, UUIDs, all, count=N. Default: GPU 0, or cpu.",
         ),
         gpu_class: str | None = typer.Option(None, "--gpu-class", help="Force a GPU class."),
         model: str | None = typer.Option(None, "--model", help="Model to serve."),

@@ -76,3 +76,29 @@ def test_engine_container_gets_exactly_the_pinned_gpus(
     finally:
         stack.down(stack.load_stack(plan.name, tmp_path))
     assert not docker_api.containers({stack.COMPOSE_PROJECT_LABEL: plan.name})
+
+
+def test_down_keeps_data_only_when_asked(
+    docker_api: Docker, stand_in_image: str, tmp_path: Path
+) -> None:
+    plan = stack.plan_up(
+        quant="fp8",
+        gpus="0",
+        gpu_class="cuda-fp8",
+        name="dkkeep",
+        state_dir=tmp_path,
+        image_version=VERSION,
+        mqtt_port=0,
+        inventory=[],
+    )
+    label = {stack.COMPOSE_PROJECT_LABEL: plan.name}
+    stack.up(plan, start=False, services=["engine"])
+    record = stack.load_stack(plan.name, tmp_path)
+    try:
+        assert docker_api.volumes(label), "compose created no volume"
+        stack.down(record, keep_data=True)
+        assert docker_api.containers(label) == [] and docker_api.networks(label) == []
+        assert docker_api.volumes(label), "--keep-data removed the volumes"
+    finally:
+        stack.down(record)
+    assert docker_api.volumes(label) == []

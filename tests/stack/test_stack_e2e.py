@@ -167,6 +167,34 @@ def test_chat_one_message(running: stack.StackRecord) -> None:
     assert result.stdout.strip()
 
 
+def test_chat_reads_lines_until_quit(running: stack.StackRecord) -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "deploykit",
+            "chat",
+            "--project",
+            "general",
+            "--session",
+            "e2e-chat",
+            "--max-tokens",
+            "4",
+            "--name",
+            NAME,
+            "--state-dir",
+            str(running.folder.parent),
+        ],
+        input="Hello\nAnd again\n/quit\nnot sent\n",
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "session e2e-chat" in result.stderr and "error" not in result.stderr
+
+
 def test_secrets_stay_out_of_inspect_and_logs(
     docker_api: Docker, running: stack.StackRecord
 ) -> None:

@@ -39,6 +39,7 @@ def test_secrets_are_private_stable_and_grow_with_projects(tmp_path: Path) -> No
     assert users["deploykit-bridge"] == folder.bridge_password_file.read_text().strip()
     assert users["general"] == folder.client_password("general")
     assert len(users["maze"]) >= 24 and users["maze"] != users["general"]
+    assert folder.hf_token_file.read_text() == ""
     before = folder.users_file.read_text()
     again = ensure_secrets(tmp_path / "s", ["general", "robot"])
     after = dict(line.split(":", 1) for line in again.users_file.read_text().splitlines())
