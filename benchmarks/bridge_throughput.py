@@ -360,18 +360,25 @@ async def bench(args: argparse.Namespace, stack: Stack) -> list[Result]:
         await run_mqtt(req, 4, 4, 8)
         for c in args.concurrency:
             n = max(args.min_requests, c * args.rounds)
-            order = ["direct", "mqtt"] if not args.mqtt_first else ["mqtt", "direct"]
-            for path in order:
-                if path == "direct":
-                    r = await run_direct(engine, model, c, n, args.max_tokens)
-                else:
-                    r = await run_mqtt(req, c, n, args.max_tokens)
-                results.append(r)
-                print(
-                    f"{r.path:6} c={c:3d} n={n:4d} {r.rps:6.2f} req/s {r.tps:7.0f} tok/s "
-                    f"p50 {r.pct(50):.3f} s p99 {r.pct(99):.3f} s",
-                    file=sys.stderr,
+            best: dict[str, Result] = {}
+            for rep in range(args.repeat):
+                # alternate which path goes first, so drifting background load hits both alike
+                order = (
+                    ["direct", "mqtt"] if (rep % 2 == 0) != args.mqtt_first else ["mqtt", "direct"]
                 )
+                for path in order:
+                    if path == "direct":
+                        r = await run_direct(engine, model, c, n, args.max_tokens)
+                    else:
+                        r = await run_mqtt(req, c, n, args.max_tokens)
+                    print(
+                        f"{r.path:6} c={c:3d} n={n:4d} {r.rps:6.2f} req/s {r.tps:7.0f} tok/s "
+                        f"p50 {r.pct(50):.3f} s p99 {r.pct(99):.3f} s",
+                        file=sys.stderr,
+                    )
+                    if path not in best or r.tps > best[path].tps:
+                        best[path] = r
+            results += [best["direct"], best["mqtt"]]
         if args.overhead_pairs:
             results += await paired_overhead(engine, model, req, args.overhead_pairs)
     finally:
@@ -420,6 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--rounds", type=int, default=2, help="requests per worker (at least)")
     p.add_argument("--min-requests", type=int, default=8)
+    p.add_argument("--repeat", type=int, default=1, help="runs per cell; the best is reported")
     p.add_argument("--mqtt-first", action="store_true", help="run MQTT before direct")
     p.add_argument(
         "--overhead-pairs",
