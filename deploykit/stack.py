@@ -286,8 +286,23 @@ def up(plan: StackPlan, *, start: bool = True, services: Sequence[str] = ()) -> 
     ensure_secrets(Path(plan.options.secrets_dir), plan.options.projects)
     compose_file = write_stack(plan)
     args = ["up", "-d", "--remove-orphans"] if start else ["up", "--no-start"]
-    compose(plan.name, compose_file, [*args, *services], capture=True)
+    try:
+        compose(plan.name, compose_file, [*args, *services], capture=True)
+    except DockerError as err:
+        raise DockerError(f"{err.message}\n{_diagnose(plan.name, compose_file)}", err.hint) from err
     return compose_file
+
+
+def _diagnose(name: str, compose_file: Path) -> str:
+    """What a failed ``up`` leaves behind: container states and the engine's last log lines."""
+    parts = []
+    for args in (["ps"], ["logs", "--no-color", "--tail=25", "engine"]):
+        try:
+            out = compose(name, compose_file, args, capture=True).stdout
+        except DockerError:
+            continue
+        parts.append(out.rstrip())
+    return "\n".join(parts)
 
 
 def down(record: StackRecord, *, keep_data: bool = False) -> None:

@@ -101,7 +101,10 @@ def running(
     )
     timings.mark("up -> healthy", time.monotonic() - start)
     try:
-        assert up.returncode == 0, up.stdout + up.stderr
+        if up.returncode != 0:
+            where = ["--name", NAME, "--state-dir", str(state)]
+            logs = cli("logs", "--tail", "40", *where)
+            pytest.fail(f"deploykit up failed:\n{up.stderr}\n{logs.stdout[-6000:]}")
         yield stack.load_stack(NAME, state)
     finally:
         cli("down", "--name", NAME, "--state-dir", str(state))
