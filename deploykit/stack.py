@@ -57,7 +57,7 @@ class PinnedGpus:
     names: tuple[str, ...] = ()
 
 
-def _inventory() -> list[Any] | None:
+def host_gpus() -> list[Any] | None:
     """The host's GPUs through deploykit.devices (NVML); None when NVML is not available."""
     try:
         from deploykit import devices
@@ -75,7 +75,7 @@ def resolve_gpus(spec: str, inventory: Sequence[Any] | None = None) -> PinnedGpu
     With NVML, indices become UUIDs (pinning by UUID survives renumbering); without it, indices
     and UUIDs go to the NVIDIA runtime unchanged.
     """
-    gpus = inventory if inventory is not None else _inventory()
+    gpus = inventory if inventory is not None else host_gpus()
     if gpus:
         from deploykit import devices
 
@@ -165,7 +165,7 @@ def plan_up(
         else:
             cls = matrix.parse_gpu_class(gpu_class)
     else:
-        inv = inventory if inventory is not None else _inventory()
+        inv = inventory if inventory is not None else host_gpus()
         if inv:
             # GPUs found but none named: the first one (by NVML index), tensor parallel 1.
             pinned = resolve_gpus("0", inv)

