@@ -69,9 +69,14 @@ class BaseImageResult:
     size_bytes: int
 
 
-def kind_for(default_base: str) -> BaseKind:
-    """The local stand-in for an official base: Mosquitto images get the broker base."""
-    return BaseKind.MOSQUITTO if "mosquitto" in default_base else BaseKind.PYTHON
+def kind_for(default_base: str) -> BaseKind | None:
+    """The local stand-in for an official base, or None when there is none (the vLLM images)."""
+    repository = default_base.rsplit(":", 1)[0].rsplit("/", 1)[-1]
+    if repository == "eclipse-mosquitto" or repository == "mosquitto":
+        return BaseKind.MOSQUITTO
+    if repository == "python" and "bookworm" in default_base:
+        return BaseKind.PYTHON
+    return None
 
 
 def ensure(

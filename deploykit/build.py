@@ -268,6 +268,13 @@ def choose_base(docker: Docker, plan: ImagePlan, override: str | None, progress:
     if docker.image_exists(default) or docker.try_pull(default):
         return default
     kind = baseimages.kind_for(default)
+    if kind is None:
+        raise DockerError(
+            f"base image {default} of {plan.tag} is neither present nor pullable, and no local "
+            "stand-in can be built for it",
+            f"pull it where you have network (docker pull {default}; docker save | docker load "
+            "here), or pass --base-image with an image that has it",
+        )
     local = baseimages.LOCAL_BASE[kind]
     progress(f"{default} is neither present nor pullable: using the local Debian base {local}")
     baseimages.ensure(docker, kind, progress=progress)

@@ -128,6 +128,8 @@ def register(app: typer.Typer) -> None:
             print(json.dumps([r.__dict__ for r in results], indent=2))
             return
         table = Table("image", "base", "size", "time")
+        for column in table.columns:
+            column.overflow = "fold"
         for r in results:
             took = "reused" if r.reused else f"{r.seconds:.0f} s"
             table.add_row(r.tag, r.base_image, _gib(r.size_bytes), took)

@@ -10,6 +10,7 @@ from deploykit import build
 from deploykit.baseimages import MOSQUITTO_BASE, PYTHON_BASE
 from deploykit.docker import Docker
 from deploykit.errors import DockerError
+from deploykit.matrix import resolve_target
 
 pytestmark = pytest.mark.docker
 
@@ -67,3 +68,14 @@ def test_exec_and_labels_on_a_throwaway_container(docker_api: Docker, bases: Non
         docker_api.remove_container(name)
     with pytest.raises(DockerError, match="is not running"):
         docker_api.exec(name, ["true"])
+
+
+def test_a_vllm_base_gets_no_debian_stand_in(docker_api: Docker) -> None:
+    plan = build.plan_engine(resolve_target("fp8", "cuda-fp8"))
+    if docker_api.image_exists(plan.default_base):
+        pytest.skip(f"{plan.default_base} is here")
+    with pytest.raises(DockerError) as err:
+        build.choose_base(docker_api, plan, None, print)
+    assert "no local stand-in" in err.value.message and "docker pull vllm/" in (
+        err.value.hint or ""
+    )

@@ -215,6 +215,8 @@ def test_build_plans_read_their_default_base_from_the_dockerfile() -> None:
     assert build.plan_bridge().needs_deploykit_wheel
     assert {str(f.path) for f in cpu.files} >= {"Dockerfile", "guard.py", "make_demo_model.py"}
     assert PYTHON_BASE != MOSQUITTO_BASE
+    gpu = build.plan_engine(resolve_target("fp8", "cuda-fp8"))
+    assert gpu.default_base.startswith("vllm/vllm-openai:v") and kind_for(gpu.default_base) is None
 
 
 def test_context_digest_follows_content(tmp_path: Path) -> None:
