@@ -153,6 +153,9 @@ def register(app: typer.Typer) -> None:
             None, "--wheelhouse", help="Wheels for building missing images."
         ),
         base_image: str | None = typer.Option(None, "--base-image", help="For missing images."),
+        rebuild: bool = typer.Option(
+            False, "--build", help="Rebuild images whose templates or code changed."
+        ),
         name: str = NAME,
         state_dir: Path = STATE_DIR,
         secrets_dir: Path | None = typer.Option(None, "--secrets-dir", help="Secrets folder."),
@@ -171,8 +174,8 @@ def register(app: typer.Typer) -> None:
         )
         docker = Docker.connect()
         plans = build.plan_stack([plan.cell], plan.options.image_version)
-        if not all(docker.image_exists(p.tag) for p in plans):
-            _err.print("building the stack's missing images")
+        if rebuild or not all(docker.image_exists(p.tag) for p in plans):
+            _err.print("building the stack's images" if rebuild else "building missing images")
             _build(docker, [plan.cell], base_image, wheelhouse)
         start = time.monotonic()
         compose_file = stack.up(plan)
