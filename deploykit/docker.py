@@ -44,7 +44,6 @@ def explain(exc: Exception, *, image: str | None = None) -> DockerError:
             s in low
             for s in (
                 "connection refused",
-                "no such file or directory",
                 "connection aborted",
                 "error while fetching server api version",
                 "cannot connect to the docker daemon",
@@ -61,7 +60,7 @@ def explain(exc: Exception, *, image: str | None = None) -> DockerError:
         "pull access denied" in low
         or "manifest unknown" in low
         or ("no such image" in low)
-        or "not found" in low
+        or ("not found" in low and image.lower() in low)
         or "no such host" in low
     ):
         return DockerError(
@@ -324,7 +323,7 @@ def _build_failure(tag: str, message: str, log: list[str], base_image: str | Non
     low = message.lower()
     if base_image and (
         "pull access denied" in low
-        or "not found" in low
+        or ("not found" in low and base_image.lower() in low)
         or "no such host" in low
         or "manifest unknown" in low
         or "failed to resolve" in low

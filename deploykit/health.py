@@ -11,6 +11,7 @@ engine container (``docker exec``) against 127.0.0.1.
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -261,8 +262,6 @@ def _status_word(payload: str) -> str:
 
 
 def _read_retained(target: StackTarget, topic: str, timeout_s: float) -> str | None:
-    import threading
-
     client = mqttclient.connect_client(
         target.address, credentials=target.credentials(), timeout_s=timeout_s
     )
