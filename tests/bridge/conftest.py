@@ -86,7 +86,7 @@ def http_get(url: str, timeout: float = 2.0) -> tuple[int, str]:
 class Broker:
     """Mosquitto with persistence in ``workdir``; restartable on the same port."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, users: dict[str, str] | None = None) -> None:
         self.workdir = workdir
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
@@ -96,7 +96,7 @@ class Broker:
             f"listener {self.port} 127.0.0.1\n"
             # as root, mosquitto drops to the "mosquitto" user, which cannot write here
             f"user {pwd.getpwuid(os.getuid()).pw_name}\n"
-            "allow_anonymous true\n"
+            f"allow_anonymous {'false' if users else 'true'}\n"
             "persistence true\n"
             f"persistence_location {workdir}/\n"
             "autosave_interval 1\n"
@@ -104,6 +104,13 @@ class Broker:
             f"log_dest file {workdir}/mosquitto.log\n"
             "log_type error\nlog_type warning\nlog_type notice\nlog_type information\n"
         )
+        if users:
+            pwfile = workdir / "passwd"
+            pwfile.write_text("".join(f"{u}:{p}\n" for u, p in users.items()))
+            pwfile.chmod(0o600)
+            subprocess.run(["mosquitto_passwd", "-U", str(pwfile)], check=True)
+            with self.conf.open("a") as f:
+                f.write(f"password_file {pwfile}\n")
 
     @property
     def url(self) -> str:
@@ -157,8 +164,8 @@ def broker_factory(
 ) -> Iterator[Callable[[], Broker]]:
     made: list[Broker] = []
 
-    def make() -> Broker:
-        b = Broker(tmp_path_factory.mktemp("broker-extra"))
+    def make(users: dict[str, str] | None = None) -> Broker:
+        b = Broker(tmp_path_factory.mktemp("broker-extra"), users)
         b.start()
         made.append(b)
         return b
@@ -261,9 +268,18 @@ class BridgeProcess:
         self.log = workdir / "bridge.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
+    username_file: Path | None = None
+    password_file: Path | None = None
+
     def start(self, wait: bool = True) -> None:
+        creds = {}
+        if self.username_file is not None:
+            creds["DEPLOYKIT_MQTT_USERNAME_FILE"] = str(self.username_file)
+        if self.password_file is not None:
+            creds["DEPLOYKIT_MQTT_PASSWORD_FILE"] = str(self.password_file)
         env = {
             **os.environ,
+            **creds,
             "DEPLOYKIT_BROKER": self.broker.url,
             "DEPLOYKIT_ENGINE": self.engine.url,
             "DEPLOYKIT_PROJECTS": self.projects,
@@ -366,6 +382,8 @@ class Client:
     broker: Broker
     client_id: str = field(default_factory=lambda: f"test-{uuid.uuid4().hex[:8]}")
     persistent: bool = False
+    username: str | None = None
+    password: str | None = None
     inbox: queue.Queue[Received] = field(default_factory=queue.Queue)
     all: list[Received] = field(default_factory=list)
     _mqtt: mqtt.Client | None = None
@@ -374,6 +392,8 @@ class Client:
 
     def connect(self) -> Client:
         c = make_client(self.client_id)
+        if self.username is not None:
+            c.username_pw_set(self.username, self.password)
         c.on_message = self._on_message
         c.on_connect = lambda *_a: self._connected.set()
         c.on_disconnect = lambda *_a: self._connected.clear()

@@ -14,9 +14,17 @@ from typing import Any
 import pytest
 import yaml
 
-from deploykit.mqttclient import parse_broker_url, request
+from deploykit.mqttclient import Credentials, parse_broker_url, read_credentials, request
 
-from .conftest import MAX_MODEL_LEN, BridgeProcess, Client, new_session, wait_until
+from .conftest import (
+    MAX_MODEL_LEN,
+    BridgeProcess,
+    Client,
+    Engine,
+    free_port,
+    new_session,
+    wait_until,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -612,3 +620,51 @@ def test_logs_leave_out_user_text(client: Client, bridge: BridgeProcess) -> None
     client.get(30, topic="general/rpc/logs")
     time.sleep(0.3)
     assert marker not in bridge.log.read_text()
+
+
+def test_credentials_from_files(
+    broker_factory: Callable[..., Any],
+    bridge_factory: Callable[..., BridgeProcess],
+    client_factory: Callable[..., Client],
+    tmp_path: Any,
+) -> None:
+    """A broker without anonymous access: the bridge logs in with the username and password read
+    from files (never argv), a client with its own account gets answers."""
+    b = broker_factory({"deploykit-bridge": "bridge-pw", "auth": "client-pw"})
+    bridge = bridge_factory(b, "auth", "test-bridge-auth")
+    (tmp_path / "user").write_text("deploykit-bridge\n")
+    (tmp_path / "pass").write_text("bridge-pw\n")
+    bridge.username_file = tmp_path / "user"
+    bridge.password_file = tmp_path / "pass"
+    bridge.start()
+    assert bridge.proc is not None
+    assert "bridge-pw" not in " ".join(bridge.proc.args)  # type: ignore[arg-type]
+    creds = read_credentials(tmp_path / "user", None)
+    assert creds is not None
+    reply = request(
+        parse_broker_url(b.url),
+        "auth",
+        "hello",
+        credentials=Credentials("auth", "client-pw"),
+        timeout_s=60,
+        fields={"maxTokens": 4},
+    )
+    assert reply.json()["status"] == "ok"
+
+
+def test_unhealthy_while_engine_unreachable(
+    broker: Any, bridge_factory: Callable[..., BridgeProcess]
+) -> None:
+    bridge = bridge_factory(broker, "noengine", "test-bridge-noengine")
+    bridge.engine = Engine(
+        f"http://127.0.0.1:{free_port()}",
+        bridge.engine.model_dir,
+        bridge.engine.proc,
+        bridge.engine.log,
+    )
+    bridge.start(wait=False)
+    wait_until(lambda: bridge.health()[0] != 0, 20, "the health endpoint")
+    time.sleep(1.0)
+    status, body = bridge.health()
+    assert status == 503 and json.loads(body)["engine_ok"] is False
+    assert bridge.proc is not None and bridge.proc.poll() is None  # waits, does not crash
