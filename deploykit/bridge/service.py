@@ -509,6 +509,22 @@ class Bridge:
         key: SessionKey,
         dedupe_key: tuple[str, str] | None,
     ) -> None:
+        """One request of a session, holding one of the ``max_in_flight`` engine slots from its
+        first engine call (/tokenize) to its reply."""
+        async with self._slots:
+            self.active += 1
+            try:
+                await self._chat(inbound, parsed, key, dedupe_key)
+            finally:
+                self.active -= 1
+
+    async def _chat(
+        self,
+        inbound: Inbound,
+        parsed: Accepted,
+        key: SessionKey,
+        dedupe_key: tuple[str, str] | None,
+    ) -> None:
         request, routing = parsed.request, parsed.routing
         cfg = self.projects[inbound.project]
         stored: StoredReply | None = None
@@ -541,15 +557,10 @@ class Bridge:
                 messages.append({"role": "system", "content": system})
             messages += [{"role": t.role, "content": t.content} for t in trimmed.history]
             messages.append({"role": "user", "content": request.message})
-            async with self._slots:
-                self.active += 1
-                try:
-                    completion = await asyncio.wait_for(
-                        self._generate(messages, params, request, routing, inbound),
-                        self.tuning.request_timeout_s,
-                    )
-                finally:
-                    self.active -= 1
+            completion = await asyncio.wait_for(
+                self._generate(messages, params, request, routing, inbound),
+                self.tuning.request_timeout_s,
+            )
             self.engine_ok = True
             self.metrics.prompt_tokens += completion.prompt_tokens
             self.metrics.completion_tokens += completion.completion_tokens
