@@ -1,11 +1,11 @@
-"""The bridge service: paho-mqtt (MQTT 5) glue, request scheduling, acknowledgements, de-duplication,
-status topic, health. All logic runs on one asyncio loop; paho's network thread only hands messages
-and PUBACKs over to it (``call_soon_threadsafe``), so it is never blocked.
+"""The bridge service: request handling on one asyncio loop: validation, rate limits,
+de-duplication, per-session scheduling, generation through the engine, replies, acknowledgements,
+health and metrics. The MQTT side (paho, persistent session, PUBACK futures) is ``transport``.
 
 Delivery (DESIGN.md): requests arrive at QoS 1 with manual acknowledgement; a request is acknowledged
 only after its reply's own PUBACK, so a crash before that makes the broker redeliver it (persistent
-session: ``clean_start=False`` + ``SessionExpiryInterval``). The MQTT 5 Receive Maximum is the
-in-flight bound: the broker holds back further requests until earlier ones are acknowledged.
+session). In-flight work is bounded twice: by the MQTT 5 Receive Maximum (the broker holds requests
+back) and by ``max_in_flight`` engine slots in the bridge (Mosquitto 2.0.11 overshoots the former).
 """
 
 from __future__ import annotations
@@ -19,9 +19,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
-from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from deploykit.bridge.config import BridgeConfig, ProjectConfig, Settings
 from deploykit.bridge.engine import Completion, EngineClient, EngineError, TemplateOverhead
@@ -41,11 +38,10 @@ from deploykit.bridge.protocol import (
     stream_payload,
 )
 from deploykit.bridge.sessions import PromptTooLong, SessionKey, SessionStore, Turn, trim_history
+from deploykit.bridge.transport import MqttTransport
 from deploykit.mqttclient import (
     STATUS_TOPIC,
     Credentials,
-    connect_properties,
-    make_client,
     parse_broker_url,
 )
 
@@ -103,11 +99,9 @@ class Bridge:
         }
         self.http = HttpEndpoint(self.health, self.render_metrics)
         self.overhead = TemplateOverhead(base=0, per_message=0)
-        self.mqtt_connected = False
         self.engine_ok = False
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._client: mqtt.Client | None = None
-        self._pending_pubacks: dict[int, asyncio.Future[None]] = {}
+        self.mqtt: MqttTransport | None = None
         self._token_cache: dict[str, int] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._debug = log.isEnabledFor(logging.DEBUG)
@@ -127,7 +121,21 @@ class Bridge:
         try:
             if not await self._wait_for_engine(stop):
                 return
-            self._connect_mqtt()
+            self.mqtt = MqttTransport(
+                self._loop,
+                self.address,
+                self.settings.client_id,
+                credentials=self.credentials,
+                subscriptions=[
+                    f"$share/{self.tuning.share_group}/{project}/user_input"
+                    for project in self.projects
+                ],
+                status_topic=self.status_topic,
+                session_expiry_s=self.tuning.mqtt_session_expiry_s,
+                receive_maximum=self.tuning.max_in_flight,
+                on_message=self._handle_message,
+            )
+            self.mqtt.start()
             self._spawn(self._housekeeping(stop))
             self.ready.set()
             await stop.wait()
@@ -165,38 +173,9 @@ class Bridge:
             delay = min(delay * 2, 15.0)
         return False
 
-    def _connect_mqtt(self) -> None:
-        client = make_client(self.settings.client_id, credentials=self.credentials, manual_ack=True)
-        client.will_set(self.status_topic, "offline", qos=1, retain=True)
-        client.max_inflight_messages_set(max(20, self.tuning.max_in_flight))
-        client.max_queued_messages_set(0)
-        client.reconnect_delay_set(1, 30)
-        client.on_connect = self._on_connect
-        client.on_disconnect = self._on_disconnect
-        client.on_message = self._on_message
-        client.on_publish = self._on_publish
-        self._client = client
-        client.connect_async(
-            self.address.host,
-            self.address.port,
-            keepalive=30,
-            clean_start=False,
-            properties=connect_properties(
-                session_expiry_s=self.tuning.mqtt_session_expiry_s,
-                receive_maximum=self.tuning.max_in_flight,
-            ),
-        )
-        client.loop_start()
-        log.info("connecting to %s as %s", self.address, self.settings.client_id)
-
     async def _shutdown(self) -> None:
-        client = self._client
-        if client is not None:
-            if self.mqtt_connected:
-                info = client.publish(self.status_topic, "offline", qos=1, retain=True)
-                await asyncio.get_running_loop().run_in_executor(None, info.wait_for_publish, 3.0)
-            client.disconnect()
-            client.loop_stop()
+        if self.mqtt is not None:
+            await self.mqtt.stop()
         for task in list(self._tasks):
             task.cancel()
         for task in list(self._tasks):
@@ -224,6 +203,10 @@ class Bridge:
             self.engine_ok = await self.engine.health()
 
     # ---------------------------------------------------------------- health / metrics
+    @property
+    def mqtt_connected(self) -> bool:
+        return self.mqtt is not None and self.mqtt.connected
+
     def health(self) -> tuple[bool, dict[str, object]]:
         ok = self.mqtt_connected and self.engine_ok
         model = self.engine.model
@@ -246,48 +229,7 @@ class Bridge:
             }
         )
 
-    # ---------------------------------------------------------------- paho callbacks (network thread)
-    def _on_connect(self, client: mqtt.Client, _u: Any, flags: Any, reason: Any, _p: Any) -> None:
-        if reason.is_failure:
-            log.error("broker refused the connection: %s", reason)
-            return
-        log.info("connected to %s (session present: %s)", self.address, flags.session_present)
-        opts = SubscribeOptions(qos=1)
-        client.subscribe(
-            [
-                (f"$share/{self.tuning.share_group}/{project}/user_input", opts)
-                for project in self.projects
-            ]
-        )
-        client.publish(self.status_topic, "online", qos=1, retain=True)
-        assert self._loop is not None
-        self._loop.call_soon_threadsafe(self._set_connected, True)
-
-    def _on_disconnect(self, _c: mqtt.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
-        log.warning("disconnected from the broker: %s", reason)
-        if self._loop is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(self._set_connected, False)
-
-    def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
-        assert self._loop is not None
-        self._loop.call_soon_threadsafe(self._handle_message, msg)
-
-    def _on_publish(self, _c: mqtt.Client, _u: Any, mid: int, reason: Any, _p: Any) -> None:
-        if self._loop is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(self._puback, mid, reason)
-
-    # ---------------------------------------------------------------- loop side
-    def _set_connected(self, value: bool) -> None:
-        self.mqtt_connected = value
-
-    def _puback(self, mid: int, reason: Any) -> None:
-        future = self._pending_pubacks.pop(mid, None)
-        if future is not None and not future.done():
-            if reason is not None and getattr(reason, "is_failure", False):
-                # e.g. "no matching subscribers" is a success code (16); failures are >= 0x80
-                log.warning("reply %d refused by the broker: %s", mid, reason)
-            future.set_result(None)
-
+    # ---------------------------------------------------------------- replies and acks
     def _publish(
         self,
         topic: str,
@@ -298,30 +240,20 @@ class Bridge:
         user_properties: list[tuple[str, str]] | None = None,
         track: bool = True,
     ) -> asyncio.Future[None] | None:
-        """Publish at QoS 1; the future resolves at the PUBACK. Paho keeps the message across a
-        reconnect and resends it, so the future eventually resolves once the broker has it."""
-        assert self._client is not None and self._loop is not None
-        props = Properties(PacketTypes.PUBLISH)
-        if correlation is not None:
-            props.CorrelationData = correlation
-        if content_type:
-            props.ContentType = content_type
-        if user_properties:
-            props.UserProperty = user_properties
-        info = self._client.publish(topic, payload, qos=1, properties=props)
-        if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
-            log.error("cannot queue a reply on %s: %s", topic, mqtt.error_string(info.rc))
-        if not track:
-            return None
-        future: asyncio.Future[None] = self._loop.create_future()
-        # on_publish is delivered through call_soon_threadsafe, so it cannot run before this line.
-        self._pending_pubacks[info.mid] = future
-        return future
+        assert self.mqtt is not None
+        return self.mqtt.publish(
+            topic,
+            payload,
+            correlation=correlation,
+            content_type=content_type,
+            user_properties=user_properties,
+            track=track,
+        )
 
     def _ack_after(self, inbound: Inbound, future: asyncio.Future[None] | None) -> None:
         def done(_f: object = None) -> None:
-            if self._client is not None and inbound.qos > 0:
-                self._client.ack(inbound.mid, inbound.qos)
+            if self.mqtt is not None:
+                self.mqtt.ack(inbound.mid, inbound.qos)
             self.metrics.in_flight -= 1
 
         if future is None:
