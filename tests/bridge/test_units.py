@@ -404,3 +404,20 @@ def test_read_credentials(tmp_path: Path) -> None:
         read_credentials(tmp_path / "missing", None)
     with pytest.raises(UsageError):
         read_credentials(None, tmp_path / "p")
+
+
+# ------------------------------------------------------------------------------ CLI
+def test_cli_bridge_help_and_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    from deploykit.cli import main
+
+    with pytest.raises(SystemExit) as exit_help:
+        main(["bridge", "--help"])
+    assert exit_help.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ("--broker", "--engine", "--projects", "--config", "--mqtt-username-file"):
+        assert flag in out
+    assert "--mqtt-password " not in out  # credentials only from files
+    with pytest.raises(SystemExit) as exit_bad:
+        main(["bridge", "--broker", "http://x", "--engine", "http://127.0.0.1:1"])
+    assert exit_bad.value.code == 2
+    assert "unsupported broker URL scheme" in capsys.readouterr().err
