@@ -317,6 +317,11 @@ def build_images(
                 progress(f"{plan.tag} is up to date (same context and base)")
                 results.append(Built(plan.tag, base, 0.0, docker.image_size(plan.tag), True))
                 continue
+            previous = (
+                str(docker.image_info(plan.tag).get("Id"))
+                if docker.image_exists(plan.tag)
+                else None
+            )
             progress(f"building {plan.tag} on {base}")
             result = docker.build(
                 context,
@@ -326,6 +331,8 @@ def build_images(
                 progress=progress,
                 base_image=base,
             )
+            if previous and previous != result.image_id:
+                docker.remove_unused_image(previous)  # the image this build replaced
             seconds = time.monotonic() - start
             progress(f"built {plan.tag} in {seconds:.0f} s ({result.size_bytes / 1e9:.2f} GB)")
             results.append(Built(plan.tag, base, seconds, result.size_bytes, False))

@@ -144,6 +144,16 @@ class Docker:
         except docker.errors.APIError as exc:
             raise explain(exc) from exc
 
+    def remove_unused_image(self, image_id: str) -> bool:
+        """Remove an image nothing uses any more (no tag left, no container); False if in use."""
+        try:
+            if self.client.api.inspect_image(image_id).get("RepoTags"):
+                return False
+            self.client.api.remove_image(image_id, force=False, noprune=False)
+        except docker.errors.APIError:
+            return False
+        return True
+
     def image_history(self, name: str) -> list[dict[str, Any]]:
         try:
             return list(self.client.api.history(name))
