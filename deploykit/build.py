@@ -296,10 +296,10 @@ def build_images(
     results = []
     with tempfile.TemporaryDirectory(prefix="deploykit-build-") as tmp:
         for plan in plans:
-            start = time.monotonic()
             # An engine's override applies to the engine; the broker needs a Mosquitto base.
             override = base_image if plan.component != "broker" else None
             base = choose_base(docker, plan, override, progress)
+            start = time.monotonic()  # the image's own build, not its base's
             context = assemble_context(
                 plan,
                 Path(tmp) / plan.component / plan.tag.replace("/", "_").replace(":", "_"),

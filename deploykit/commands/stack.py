@@ -46,7 +46,10 @@ class _Progress:
         if text.startswith(("Step ", "building ", "built ", "using ", "importing ")) or (
             "up to date" in text or "neither present nor pullable" in text
         ):
-            self.console.print(text, markup=False, no_wrap=True, overflow="ellipsis")
+            if text.startswith("Step "):  # Dockerfile steps: one line each
+                self.console.print(text, markup=False, no_wrap=True, overflow="ellipsis")
+            else:
+                self.console.print(text, markup=False)
         self.status.update(text[:120])
 
 
