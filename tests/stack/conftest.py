@@ -59,6 +59,16 @@ def docker_api() -> Iterator[object]:
         pytest.skip(f"Docker is not available: {err.message}")
 
 
+@pytest.fixture(scope="session")
+def local_bases(docker_api: object) -> None:
+    """The local Debian base images (built once when missing, ~1 min; a no-op when present)."""
+    from deploykit import baseimages
+    from deploykit.docker import Docker
+
+    assert isinstance(docker_api, Docker)
+    baseimages.ensure_all(docker_api, progress=lambda line: None)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

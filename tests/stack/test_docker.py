@@ -16,10 +16,8 @@ pytestmark = pytest.mark.docker
 
 
 @pytest.fixture
-def bases(docker_api: Docker) -> None:
-    for name in (PYTHON_BASE, MOSQUITTO_BASE):
-        if not docker_api.image_exists(name):
-            pytest.skip(f"{name} is not built (deploykit base-images)")
+def bases(docker_api: Docker, local_bases: None) -> None:
+    assert docker_api.image_exists(PYTHON_BASE) and docker_api.image_exists(MOSQUITTO_BASE)
 
 
 def test_unpullable_default_base_falls_back_to_the_local_one_and_says_so(

@@ -23,10 +23,8 @@ VERSION = "pintest"
 
 
 @pytest.fixture(scope="module")
-def stand_in_image(docker_api: Docker) -> Iterator[str]:
+def stand_in_image(docker_api: Docker, local_bases: None) -> Iterator[str]:
     tag = f"deploykit/engine:fp8-cuda-fp8-{VERSION}"
-    if not docker_api.image_exists(PYTHON_BASE):
-        pytest.skip(f"{PYTHON_BASE} is not built (deploykit base-images)")
     docker_api.client.images.get(PYTHON_BASE).tag(tag)
     yield tag
     docker_api.remove_image(tag)
