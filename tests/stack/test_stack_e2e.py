@@ -235,6 +235,26 @@ def test_ps_and_logs(running: stack.StackRecord) -> None:
     assert logs.returncode == 0 and "deploykit guard: starting" in logs.stdout
 
 
+def test_health_names_the_failed_layer(docker_api: Docker, running: stack.StackRecord) -> None:
+    """With the engine stopped, the broker still passes and the engine layer fails (exit 1)."""
+    engine = docker_api.containers(
+        {stack.COMPOSE_PROJECT_LABEL: NAME, stack.COMPOSE_SERVICE_LABEL: "engine"}
+    )[0]
+    engine.stop(timeout=5)
+    where = ["--name", NAME, "--state-dir", str(running.folder.parent)]
+    result = cli("health", "--json", *where)
+    assert result.returncode == 1
+    checks = {c["check"]: c for c in json.loads(result.stdout)["checks"]}
+    assert checks["broker"]["ok"] is True
+    assert (
+        checks["engine-container"]["ok"] is False
+        and "exited" in checks["engine-container"]["detail"]
+    )
+    assert checks["bridge-probe"]["detail"] == "not run: engine-container failed"
+    table = cli("health", *where)
+    assert table.returncode == 1 and "deploykit logs engine" in table.stderr
+
+
 def test_down_leaves_nothing(docker_api: Docker, running: stack.StackRecord) -> None:
     result = cli("down", "--name", NAME, "--state-dir", str(running.folder.parent))
     assert result.returncode == 0, result.stdout + result.stderr
