@@ -1,8 +1,4 @@
-"""Layered health checks of a running stack, from the broker to an answer through the bridge.
-
-One class per check, run in order; when a layer fails, the layers above it are reported as not run
-(they could not pass). ``wait_healthy`` repeats the checks until all pass or a deadline passes; its
-clock is injectable, so timeouts are tested without sleeping.
+"""One class per layer of a running stack, bottom to top.
 
 The engine's port is on an internal network only, so engine checks run ``python3`` inside the
 engine container (``docker exec``) against 127.0.0.1.
@@ -13,88 +9,13 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from deploykit import mqttclient
-from deploykit.docker import Docker
-from deploykit.errors import CheckFailed, DeployKitError
-from deploykit.secrets import SecretsFolder
-from deploykit.stack import COMPOSE_PROJECT_LABEL, COMPOSE_SERVICE_LABEL, StackRecord
+from deploykit.errors import DeployKitError
+from deploykit.health.base import Check, CheckResult, StackTarget, fail, ok
 
 ENGINE_PORT = 8000
-
-
-@dataclass(frozen=True)
-class CheckResult:
-    check: str
-    ok: bool
-    detail: str
-
-    def to_json(self) -> dict[str, Any]:
-        return {"check": self.check, "ok": self.ok, "detail": self.detail}
-
-
-class Check(Protocol):
-    name: str
-
-    def run(self) -> CheckResult: ...
-
-
-class Clock(Protocol):
-    def monotonic(self) -> float: ...
-
-    def sleep(self, seconds: float) -> None: ...
-
-
-class SystemClock:
-    def monotonic(self) -> float:
-        return time.monotonic()
-
-    def sleep(self, seconds: float) -> None:
-        time.sleep(seconds)
-
-
-@dataclass(frozen=True)
-class StackTarget:
-    """Where the checks look: the stack's broker address, accounts, engine container, names."""
-
-    record: StackRecord
-    docker: Docker
-    host: str = "127.0.0.1"
-    project: str | None = None  # the project whose account the MQTT checks use
-
-    @property
-    def address(self) -> mqttclient.BrokerAddress:
-        return mqttclient.BrokerAddress(self.host, self.record.mqtt_port)
-
-    @property
-    def project_name(self) -> str:
-        return self.project or self.record.projects[0]
-
-    def credentials(self) -> mqttclient.Credentials:
-        folder = SecretsFolder(self.record.secrets_dir)
-        return mqttclient.Credentials(self.project_name, folder.client_password(self.project_name))
-
-    def container(self, service: str) -> str:
-        found = self.docker.containers(
-            {COMPOSE_PROJECT_LABEL: self.record.name, COMPOSE_SERVICE_LABEL: service}
-        )
-        if not found:
-            raise CheckFailed(
-                f"the stack {self.record.name!r} has no {service} container",
-                "start it: deploykit up",
-            )
-        return found[0].name or found[0].id or service
-
-
-def _ok(name: str, detail: str) -> CheckResult:
-    return CheckResult(name, True, detail)
-
-
-def _fail(name: str, detail: str) -> CheckResult:
-    return CheckResult(name, False, detail)
 
 
 class BrokerCheck:
@@ -111,10 +32,10 @@ class BrokerCheck:
                 self.target.address, credentials=self.target.credentials(), timeout_s=self.timeout_s
             )
         except DeployKitError as err:
-            return _fail(self.name, err.message)
+            return fail(self.name, err.message)
         client.disconnect()
         client.loop_stop()
-        return _ok(
+        return ok(
             self.name,
             f"{self.target.address} accepts account {self.target.project_name!r}",
         )
@@ -133,15 +54,15 @@ class EngineContainerCheck:
             name = self.target.container("engine")
             state = self.target.docker.container_attrs(name).get("State", {})
         except DeployKitError as err:
-            return _fail(self.name, err.message)
+            return fail(self.name, err.message)
         health = (state.get("Health") or {}).get("Status", "none")
         if not state.get("Running"):
-            return _fail(
+            return fail(
                 self.name, f"{name} is {state.get('Status')} (exit {state.get('ExitCode')})"
             )
         if health != "healthy":
-            return _fail(self.name, f"{name} is running, health {health}")
-        return _ok(self.name, f"{name} is healthy")
+            return fail(self.name, f"{name} is running, health {health}")
+        return ok(self.name, f"{name} is healthy")
 
 
 # Runs inside the engine container: one HTTP request to the engine, prints status and body.
@@ -186,10 +107,10 @@ class EngineHealthCheck(_EngineHttp):
         try:
             status, text = self.request("/health")
         except DeployKitError as err:
-            return _fail(self.name, err.message)
+            return fail(self.name, err.message)
         if status != 200:
-            return _fail(self.name, f"GET /health: {status or 'no answer'} {text[:200]}")
-        return _ok(self.name, "GET /health: 200")
+            return fail(self.name, f"GET /health: {status or 'no answer'} {text[:200]}")
+        return ok(self.name, "GET /health: 200")
 
 
 class EngineModelsCheck(_EngineHttp):
@@ -205,10 +126,10 @@ class EngineModelsCheck(_EngineHttp):
                 [m.get("id") for m in json.loads(text).get("data", [])] if status == 200 else []
             )
         except (DeployKitError, ValueError) as err:
-            return _fail(self.name, f"GET /v1/models: {err}")
+            return fail(self.name, f"GET /v1/models: {err}")
         if want not in models:
-            return _fail(self.name, f"GET /v1/models: {status}, {want!r} not in {models}")
-        return _ok(self.name, f"serves {want!r}")
+            return fail(self.name, f"GET /v1/models: {status}, {want!r} not in {models}")
+        return ok(self.name, f"serves {want!r}")
 
 
 class EngineCompletionCheck(_EngineHttp):
@@ -223,10 +144,10 @@ class EngineCompletionCheck(_EngineHttp):
             status, text = self.request("/v1/completions", body)
             choices = json.loads(text).get("choices", []) if status == 200 else []
         except (DeployKitError, ValueError) as err:
-            return _fail(self.name, f"POST /v1/completions: {err}")
+            return fail(self.name, f"POST /v1/completions: {err}")
         if not choices:
-            return _fail(self.name, f"POST /v1/completions: {status} {text[:200]}")
-        return _ok(self.name, f"1-token completion in {time.monotonic() - start:.2f} s")
+            return fail(self.name, f"POST /v1/completions: {status} {text[:200]}")
+        return ok(self.name, f"1-token completion in {time.monotonic() - start:.2f} s")
 
 
 class BridgeStatusCheck:
@@ -242,13 +163,13 @@ class BridgeStatusCheck:
         try:
             payload = _read_retained(self.target, topic, self.timeout_s)
         except DeployKitError as err:
-            return _fail(self.name, err.message)
+            return fail(self.name, err.message)
         if payload is None:
-            return _fail(self.name, f"no retained status on {topic}")
+            return fail(self.name, f"no retained status on {topic}")
         state = _status_word(payload)
         if state != "online":
-            return _fail(self.name, f"{topic}: {payload[:200]!r}")
-        return _ok(self.name, f"{topic}: online")
+            return fail(self.name, f"{topic}: {payload[:200]!r}")
+        return ok(self.name, f"{topic}: online")
 
 
 def _status_word(payload: str) -> str:
@@ -302,15 +223,15 @@ class BridgeProbeCheck:
                 fields={"probe": True},
             )
         except DeployKitError as err:
-            return _fail(self.name, err.message)
+            return fail(self.name, err.message)
         try:
             envelope = reply.json()
         except ValueError:
-            return _fail(self.name, f"reply is not JSON: {reply.text[:200]!r}")
+            return fail(self.name, f"reply is not JSON: {reply.text[:200]!r}")
         status = envelope.get("status") if isinstance(envelope, dict) else None
         if status != "ok":
-            return _fail(self.name, f"probe answered {reply.text[:300]}")
-        return _ok(self.name, f"answered on {reply.topic} in {time.monotonic() - start:.2f} s")
+            return fail(self.name, f"probe answered {reply.text[:300]}")
+        return ok(self.name, f"answered on {reply.topic} in {time.monotonic() - start:.2f} s")
 
 
 def default_checks(target: StackTarget) -> list[Check]:
@@ -324,59 +245,3 @@ def default_checks(target: StackTarget) -> list[Check]:
         BridgeStatusCheck(target),
         BridgeProbeCheck(target),
     ]
-
-
-def run_checks(checks: Sequence[Check]) -> list[CheckResult]:
-    """Run in order; after the first failure the rest are reported as not run."""
-    results: list[CheckResult] = []
-    failed: str | None = None
-    for check in checks:
-        if failed is not None:
-            results.append(_fail(check.name, f"not run: {failed} failed"))
-            continue
-        try:
-            result = check.run()
-        except DeployKitError as err:
-            result = _fail(check.name, err.message)
-        results.append(result)
-        if not result.ok:
-            failed = check.name
-    return results
-
-
-def wait_healthy(
-    checks: Sequence[Check] | Callable[[], Sequence[Check]],
-    *,
-    timeout_s: float,
-    pause_s: float = 2.0,
-    clock: Clock | None = None,
-) -> tuple[list[CheckResult], float]:
-    """Repeat the checks until all pass or ``timeout_s`` passes; returns (results, seconds)."""
-    clock = clock or SystemClock()
-    start = clock.monotonic()
-    while True:
-        current = checks() if callable(checks) else checks
-        results = run_checks(current)
-        elapsed = clock.monotonic() - start
-        if all(r.ok for r in results) or elapsed >= timeout_s:
-            return results, elapsed
-        clock.sleep(min(pause_s, max(0.0, timeout_s - elapsed)))
-
-
-def failure(results: Sequence[CheckResult], waited_s: float | None = None) -> CheckFailed:
-    """The error for a failed health run: names the first failed layer and what to look at."""
-    first = next(r for r in results if not r.ok)
-    waited = f" after {waited_s:.0f} s" if waited_s else ""
-    hints = {
-        "broker": "check `deploykit ps` and `deploykit logs broker`; is the MQTT port published?",
-        "engine-container": "see `deploykit logs engine` (a large model takes minutes to load)",
-        "engine-health": "see `deploykit logs engine`",
-        "engine-models": "the engine serves another model name; check --model/--served-model-name",
-        "engine-completion": "see `deploykit logs engine`; the engine cannot generate",
-        "bridge-status": "see `deploykit logs bridge`; the bridge is not connected to the broker",
-        "bridge-probe": "see `deploykit logs bridge`; the bridge does not answer through MQTT",
-    }
-    return CheckFailed(
-        f"health check {first.check} failed{waited}: {first.detail}",
-        hints.get(first.check, "see `deploykit logs`"),
-    )
