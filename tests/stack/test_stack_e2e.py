@@ -117,7 +117,12 @@ def test_plain_paho_client_gets_an_answer(running: stack.StackRecord) -> None:
     replies: list[bytes] = []
     client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
     client.username_pw_set("general", password)
-    client.on_message = lambda _c, _u, msg: (replies.append(msg.payload), got.set())
+
+    def on_message(_c: mqtt.Client, _u: object, msg: mqtt.MQTTMessage) -> None:
+        replies.append(bytes(msg.payload))
+        got.set()
+
+    client.on_message = on_message
     client.connect("127.0.0.1", running.mqtt_port)
     client.loop_start()
     try:
