@@ -289,13 +289,20 @@ def render_broker(bundle: Bundle | None = None, out: str = "images/broker") -> B
 # --- compose --------------------------------------------------------------------------------------
 
 
+def served_model_name(cell: Cell, options: StackOptions) -> str:
+    """The name clients and the bridge see in /v1/models."""
+    if options.served_model_name:
+        return options.served_model_name
+    if cell.gpu_class is GpuClass.CPU and not options.model:
+        return CPU_DEMO_SERVED_NAME
+    return options.model or cell.default_model
+
+
 def _engine_command(cell: Cell, options: StackOptions) -> list[str]:
     """vLLM arguments the stack passes; the image's guard adds the cell's own flags."""
     cpu = cell.gpu_class is GpuClass.CPU
     model = options.model or cell.default_model
-    served = options.served_model_name or (
-        CPU_DEMO_SERVED_NAME if cpu and not options.model else model
-    )
+    served = served_model_name(cell, options)
     args = [
         "--model",
         model,

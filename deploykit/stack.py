@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +18,7 @@ from typing import Any
 from deploykit import matrix, render
 from deploykit.errors import DockerError, GpuError, UnsupportedError, UsageError
 from deploykit.matrix import Cell, GpuClass
+from deploykit.plan import gate
 from deploykit.secrets import ensure_secrets
 
 DEFAULT_NAME = "deploykit"
@@ -55,18 +56,23 @@ class PinnedGpus:
     device_ids: tuple[str, ...]
     compute_capability: float | None  # the lowest of the pinned GPUs; None without NVML
     names: tuple[str, ...] = ()
+    gpus: tuple[Any, ...] = ()  # deploykit.devices.GpuInfo of each pinned GPU, when NVML is there
+
+
+def host_inventory() -> Any | None:
+    """The host's driver and GPUs (deploykit.devices.GpuInventory); None without NVML."""
+    from deploykit import devices
+
+    try:
+        return devices.read_inventory()
+    except GpuError:
+        return None
 
 
 def host_gpus() -> list[Any] | None:
     """The host's GPUs through deploykit.devices (NVML); None when NVML is not available."""
-    try:
-        from deploykit import devices
-    except ImportError:
-        return None
-    try:
-        return list(devices.list_gpus())
-    except GpuError:
-        return None
+    inventory = host_inventory()
+    return list(inventory.gpus) if inventory is not None else None
 
 
 def resolve_gpus(spec: str, inventory: Sequence[Any] | None = None) -> PinnedGpus:
@@ -84,6 +90,7 @@ def resolve_gpus(spec: str, inventory: Sequence[Any] | None = None) -> PinnedGpu
             tuple(g.uuid for g in chosen),
             min(g.compute_capability for g in chosen),
             tuple(g.name for g in chosen),
+            tuple(chosen),
         )
     items = [s.strip() for s in spec.split(",")]
     if not spec.strip() or any(not s for s in items):
@@ -121,11 +128,7 @@ class StackPlan:
 
     @property
     def served_model_name(self) -> str:
-        cpu = self.cell.gpu_class is GpuClass.CPU
-        model = self.options.model or self.cell.default_model
-        return self.options.served_model_name or (
-            matrix.CPU_DEMO_SERVED_NAME if cpu and not self.options.model else model
-        )
+        return render.served_model_name(self.cell, self.options)
 
 
 def plan_up(
@@ -141,9 +144,21 @@ def plan_up(
     mqtt_port: int = render.MQTT_PORT,
     image_version: str | None = None,
     inventory: Sequence[Any] | None = None,
+    driver: Any | None = None,
+    force: bool = False,
+    warn: Callable[[str], None] = lambda message: None,
 ) -> StackPlan:
-    """Resolve what ``deploykit up`` asks for; refuse a method the pinned GPUs cannot run."""
+    """Resolve what ``deploykit up`` asks for, and run the pre-flight gate (deploykit.plan.gate).
+
+    The gate refuses a method the pinned GPUs cannot run, a driver too old for the image, MIG, a
+    local checkpoint that does not match the method, and a model that does not fit; ``force`` turns
+    its refusals into warnings (given to ``warn``). ``inventory``/``driver`` default to this host's.
+    """
     q = matrix.parse_quant(quant)
+    if inventory is None:
+        host = host_inventory()
+        inventory = list(host.gpus) if host is not None else []
+        driver = driver if driver is not None else (host.driver if host is not None else None)
     pinned: PinnedGpus | None = None
     if gpu_class is not None and matrix.parse_gpu_class(gpu_class) is GpuClass.CPU:
         cls = GpuClass.CPU
@@ -165,10 +180,9 @@ def plan_up(
         else:
             cls = matrix.parse_gpu_class(gpu_class)
     else:
-        inv = inventory if inventory is not None else host_gpus()
-        if inv:
+        if inventory:
             # GPUs found but none named: the first one (by NVML index), tensor parallel 1.
-            pinned = resolve_gpus("0", inv)
+            pinned = resolve_gpus("0", inventory)
             cls = matrix.gpu_class_for(pinned.compute_capability or 0.0)
         elif gpu_class is not None and matrix.parse_gpu_class(gpu_class) is not GpuClass.CPU:
             raise GpuError(
@@ -177,14 +191,31 @@ def plan_up(
             )
         else:
             cls = GpuClass.CPU
-    cell = matrix.resolve_target(q, cls, pinned.compute_capability if pinned is not None else None)
-    if not cell.supported:
-        raise UnsupportedError(f"{q} on {cls}: {cell.reason}")
+    cell = matrix.resolve_target(q, cls)  # the image; the GPUs themselves are the gate's
+    local_model = (
+        Path(model).expanduser().resolve() if model and Path(model).expanduser().is_dir() else None
+    )
+    result = gate(
+        q,
+        gpu_class=cls,
+        gpus=pinned.gpus if pinned is not None else (),
+        driver=driver,
+        model=local_model or model or (None if cls is GpuClass.CPU else cell.default_model),
+        tensor_parallel_size=len(pinned.device_ids) if pinned is not None else None,
+        force=force,
+    )
+    for message in result.warnings:
+        warn(f"--force: going ahead although {message}")
+    for note in result.notes:
+        warn(note)
     folder = (state_dir / name).resolve()
     secrets = (secrets_dir or folder / "secrets").resolve()
     options = render.StackOptions(
         gpu_ids=pinned.device_ids if pinned is not None else ("0",),
-        model=model,
+        # a local checkpoint folder is mounted read-only at /models/<its name>
+        model=f"/models/{local_model.name}" if local_model else model,
+        served_model_name=local_model.name if local_model else None,
+        models_dir=str(local_model.parent) if local_model else None,
         projects=tuple(projects),
         mqtt_port=mqtt_port,
         secrets_dir=str(secrets),

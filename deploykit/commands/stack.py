@@ -12,9 +12,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from deploykit import baseimages, build, chat, health, matrix, stack
+from deploykit import baseimages, build, chat, health, matrix, plan, stack
 from deploykit.docker import Docker
-from deploykit.errors import UsageError
 
 _err = Console(stderr=True, highlight=False)
 _out = Console(highlight=False)
@@ -57,16 +56,32 @@ def _gib(n: int) -> str:
     return f"{n / 1e9:.2f} GB"
 
 
-def _cells(quant: str | None, gpu_class: str | None, all_cells: bool) -> list[matrix.Cell]:
+def _warn(message: str) -> None:
+    _err.print(f"[bold yellow]warning:[/] {message}", highlight=False)
+
+
+def _cells(
+    quant: str | None, gpu_class: str | None, all_cells: bool, force: bool = False
+) -> list[matrix.Cell]:
+    """The cells to build. For this host's GPUs (no --gpu-class), the pre-flight gate runs first."""
     if all_cells:
         return list(matrix.supported_cells())
-    if gpu_class is None:
-        gpus = stack.host_gpus()
-        gpu_class = str(matrix.gpu_class_for(gpus[0].compute_capability)) if gpus else "cpu"
-    cell = matrix.resolve_target(quant or "none", gpu_class)
-    if not cell.supported:
-        raise UsageError(f"{cell.quant} on {cell.gpu_class} is not supported: {cell.reason}")
-    return [cell]
+    if gpu_class is not None:
+        return [matrix.resolve_target(quant or "none", gpu_class)]  # built for another host
+    inventory = stack.host_inventory()
+    if inventory is None or not inventory.gpus:
+        return [matrix.resolve_target(quant or "none", "cpu")]
+    cls = matrix.gpu_class_for(inventory.gpus[0].compute_capability)
+    result = plan.gate(
+        quant or "none",
+        gpu_class=cls,
+        gpus=inventory.gpus[:1],
+        driver=inventory.driver,
+        force=force,
+    )
+    for message in result.warnings:
+        _warn(f"--force: building although {message}")
+    return [matrix.resolve_target(quant or "none", cls)]
 
 
 def _build(
@@ -121,12 +136,16 @@ def register(app: typer.Typer) -> None:
         wheelhouse: Path | None = typer.Option(
             None, "--wheelhouse", help="Folder of wheels to install from (air-gapped builds)."
         ),
-        force: bool = typer.Option(False, "--force", help="Rebuild even if up to date."),
+        rebuild: bool = typer.Option(False, "--rebuild", help="Rebuild even if up to date."),
+        force: bool = typer.Option(
+            False, "--force", help="Build even when the pre-flight gate refuses this host's GPU."
+        ),
         as_json: bool = typer.Option(False, "--json", help="Print results as JSON."),
     ) -> None:
-        """Build the engine, bridge and broker images."""
+        """Build the engine, bridge and broker images (for this host's GPU class by default)."""
+        cells = _cells(quant, gpu_class, all_cells, force)
         docker = Docker.connect()
-        results = _build(docker, _cells(quant, gpu_class, all_cells), base_image, wheelhouse, force)
+        results = _build(docker, cells, base_image, wheelhouse, rebuild)
         if as_json:
             print(json.dumps([r.__dict__ for r in results], indent=2))
             return
@@ -162,9 +181,17 @@ def register(app: typer.Typer) -> None:
         name: str = NAME,
         state_dir: Path = STATE_DIR,
         secrets_dir: Path | None = typer.Option(None, "--secrets-dir", help="Secrets folder."),
+        force: bool = typer.Option(
+            False,
+            "--force",
+            help="Start even when the pre-flight gate refuses (GPU, driver, checkpoint, memory).",
+        ),
     ) -> None:
-        """Start the stack (building missing images), pinned to the chosen GPUs."""
-        plan = stack.plan_up(
+        """Start the stack (building missing images), pinned to the chosen GPUs.
+
+        A local --model folder is mounted read-only into the engine and checked first.
+        """
+        request = stack.plan_up(
             quant=quant,
             gpus=gpus,
             gpu_class=gpu_class,
@@ -174,18 +201,20 @@ def register(app: typer.Typer) -> None:
             state_dir=state_dir,
             secrets_dir=secrets_dir,
             mqtt_port=mqtt_port,
+            force=force,
+            warn=_warn,
         )
         docker = Docker.connect()
-        plans = build.plan_stack([plan.cell], plan.options.image_version)
+        plans = build.plan_stack([request.cell], request.options.image_version)
         if rebuild or not all(docker.image_exists(p.tag) for p in plans):
             _err.print("building the stack's images" if rebuild else "building missing images")
-            _build(docker, [plan.cell], base_image, wheelhouse)
+            _build(docker, [request.cell], base_image, wheelhouse)
         start = time.monotonic()
-        compose_file = stack.up(plan)
+        compose_file = stack.up(request)
         _err.print(
-            f"stack {name!r} up: {plan.cell.quant} on {plan.cell.gpu_class}, "
-            f"GPUs {','.join(plan.options.gpu_ids) if plan.cell.gpu_class != 'cpu' else 'none'}, "
-            f"MQTT on port {plan.options.mqtt_port} ({compose_file})"
+            f"stack {name!r} up: {request.cell.quant} on {request.cell.gpu_class}, "
+            f"GPUs {','.join(request.options.gpu_ids) if request.cell.gpu_class != 'cpu' else 'none'}, "
+            f"MQTT on port {request.options.mqtt_port} ({compose_file})"
         )
         if wait:
             record = stack.load_stack(name, state_dir)

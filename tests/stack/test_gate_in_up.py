@@ -1,0 +1,98 @@
+"""`deploykit up` runs the pre-flight gate (deploykit.plan.gate) before anything starts.
+
+GPU inventories: tests/data/h100-nvml.json (recorded on a real H100) and a100-written.json (written
+by hand, marked so in its `source`). Checkpoints: config.json files written here (no weights).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from deploykit import devices, stack
+from deploykit.errors import GpuError, ModelError
+from deploykit.render import render_compose
+
+DATA = Path(__file__).resolve().parent.parent / "data"
+
+LLAMA_8B = {
+    "architectures": ["LlamaForCausalLM"],
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "vocab_size": 128256,
+    "max_position_embeddings": 8192,
+    "torch_dtype": "bfloat16",
+}
+
+
+def checkpoint(tmp_path: Path, name: str = "llama-8b", **extra: object) -> Path:
+    folder = tmp_path / "models" / name
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({**LLAMA_8B, **extra}))
+    return folder
+
+
+def test_up_refuses_a_checkpoint_that_is_not_what_the_method_needs(tmp_path: Path) -> None:
+    inv = devices.load_inventory(DATA / "h100-nvml.json")
+    model = checkpoint(tmp_path)
+    with pytest.raises(ModelError) as err:
+        stack.plan_up(
+            quant="awq",
+            gpus="0",
+            model=str(model),
+            state_dir=tmp_path,
+            inventory=inv.gpus,
+            driver=inv.driver,
+        )
+    assert err.value.exit_code == 6
+    assert "awq" in err.value.message and "unquantized" in err.value.message
+
+
+def test_force_turns_the_refusal_into_a_warning_and_mounts_the_checkpoint(tmp_path: Path) -> None:
+    inv = devices.load_inventory(DATA / "h100-nvml.json")
+    model = checkpoint(tmp_path)
+    warnings: list[str] = []
+    plan = stack.plan_up(
+        quant="awq",
+        gpus="0",
+        model=str(model),
+        state_dir=tmp_path,
+        inventory=inv.gpus,
+        driver=inv.driver,
+        force=True,
+        warn=warnings.append,
+    )
+    assert any(w.startswith("--force: going ahead although") for w in warnings)
+    engine = yaml.safe_load(render_compose(plan.cell, plan.options))["services"]["engine"]
+    assert f"{model.parent}:/models:ro" in engine["volumes"]
+    cmd = engine["command"]
+    assert cmd[cmd.index("--model") + 1] == "/models/llama-8b"
+    assert plan.served_model_name == "llama-8b"
+
+
+def test_up_fits_a_bf16_8b_model_on_the_recorded_h100(tmp_path: Path) -> None:
+    inv = devices.load_inventory(DATA / "h100-nvml.json")
+    plan = stack.plan_up(
+        quant="fp8",
+        gpus="0",
+        model=str(checkpoint(tmp_path)),
+        state_dir=tmp_path,
+        inventory=inv.gpus,
+        driver=inv.driver,
+    )
+    assert plan.options.gpu_ids == (inv.gpus[0].uuid,)
+
+
+def test_up_refuses_a_driver_too_old_for_the_image(tmp_path: Path) -> None:
+    inv = devices.load_inventory(DATA / "a100-written.json")  # written: R570, CUDA 12.8
+    with pytest.raises(GpuError) as err:
+        stack.plan_up(
+            quant="fp8", gpus="0", state_dir=tmp_path, inventory=inv.gpus, driver=inv.driver
+        )
+    assert "-cu129" in (err.value.hint or "")
