@@ -40,9 +40,10 @@ from typing import Any
 
 import httpx
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+
+from deploykit.mqttclient import make_client
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = "Tell me a long story about a robot that finds its way through a maze, step by step."
@@ -77,6 +78,7 @@ class Result:
     seconds: float
     output_tokens: int
     latencies: list[float]
+    side_cpu_ms: float = 0.0  # CPU of the bridge and Mosquitto per request (MQTT path)
 
     @property
     def rps(self) -> float:
@@ -140,11 +142,7 @@ class MqttRequester:
         self.loop = asyncio.get_running_loop()
         self.futures: dict[bytes, asyncio.Future[tuple[float, bytes]]] = {}
         self.reply_topic = f"{project}/bench/{uuid.uuid4().hex[:8]}"
-        c = mqtt.Client(
-            callback_api_version=CallbackAPIVersion.VERSION2,
-            client_id=f"bench-{uuid.uuid4().hex[:8]}",
-            protocol=mqtt.MQTTv5,
-        )
+        c = make_client(f"bench-{uuid.uuid4().hex[:8]}")  # MQTT 5, TCP_NODELAY
         c.max_inflight_messages_set(1000)
         connected = threading.Event()
         subscribed = threading.Event()
@@ -229,6 +227,7 @@ class Stack:
         self.engine = args.engine
         self.broker_port = 0
         self.bridge_health = ""
+        self.mqtt_side: list[int] = []  # pids of the bridge and (if started here) Mosquitto
 
     def start(self) -> None:
         a = self.args
@@ -255,6 +254,7 @@ class Stack:
             conf.write_text(
                 f"listener {self.broker_port} 127.0.0.1\nallow_anonymous true\n"
                 f"user {pwd.getpwuid(os.getuid()).pw_name}\nmax_queued_messages 100000\n"
+                "set_tcp_nodelay true\n"
             )
             mosq = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
             proc = subprocess.Popen(
@@ -264,6 +264,7 @@ class Stack:
                 start_new_session=True,
             )
             self.procs.append(proc)
+            self.mqtt_side.append(proc.pid)
             broker = f"mqtt://127.0.0.1:{self.broker_port}"
             time.sleep(0.5)
         else:
@@ -296,6 +297,7 @@ class Stack:
             start_new_session=True,
         )
         self.procs.append(proc)
+        self.mqtt_side.append(proc.pid)
         self.bridge_health = f"http://127.0.0.1:{http_port}/health"
         wait_http(self.bridge_health, 60, proc)
 
@@ -309,6 +311,18 @@ class Stack:
                     os.killpg(proc.pid, signal.SIGKILL)
 
 
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time of processes (Linux /proc), to show what the MQTT side costs."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+        except (OSError, IndexError, ValueError):
+            pass
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def model_name(engine: str) -> str:
     with urllib.request.urlopen(engine + "/v1/models", timeout=10) as resp:
         return str(json.load(resp)["data"][0]["id"])
@@ -316,13 +330,14 @@ def model_name(engine: str) -> str:
 
 def report(results: list[Result]) -> str:
     lines = [
-        "| path | conc. | requests | req/s | out tok/s | p50 s | p99 s |",
-        "|---|---|---|---|---|---|---|",
+        "| path | conc. | requests | req/s | out tok/s | p50 s | p99 s | bridge+broker CPU/req |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
+        cpu = f"{r.side_cpu_ms:.1f} ms" if r.path == "mqtt" else ""
         lines.append(
             f"| {r.path} | {r.concurrency} | {r.requests} | {r.rps:.2f} | {r.tps:.0f} | "
-            f"{r.pct(50):.3f} | {r.pct(99):.3f} |"
+            f"{r.pct(50):.3f} | {r.pct(99):.3f} | {cpu} |"
         )
     by = {(r.path, r.concurrency): r for r in results}
     concs = sorted({r.concurrency for r in results if r.path in ("mqtt", "direct")})
@@ -370,10 +385,17 @@ async def bench(args: argparse.Namespace, stack: Stack) -> list[Result]:
                     if path == "direct":
                         r = await run_direct(engine, model, c, n, args.max_tokens)
                     else:
+                        cpu0 = cpu_seconds(stack.mqtt_side)
                         r = await run_mqtt(req, c, n, args.max_tokens)
+                        r.side_cpu_ms = (cpu_seconds(stack.mqtt_side) - cpu0) * 1000 / n
                     print(
                         f"{r.path:6} c={c:3d} n={n:4d} {r.rps:6.2f} req/s {r.tps:7.0f} tok/s "
-                        f"p50 {r.pct(50):.3f} s p99 {r.pct(99):.3f} s",
+                        f"p50 {r.pct(50):.3f} s p99 {r.pct(99):.3f} s"
+                        + (
+                            f" bridge+broker CPU {r.side_cpu_ms:.1f} ms/req"
+                            if path == "mqtt"
+                            else ""
+                        ),
                         file=sys.stderr,
                     )
                     if path not in best or r.tps > best[path].tps:

@@ -11,7 +11,9 @@ Public API:
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
 import threading
 import time
 import uuid
@@ -116,7 +118,15 @@ def make_client(
     )
     if credentials is not None:
         client.username_pw_set(credentials.username, credentials.password)
+    client.on_socket_open = _set_nodelay
     return client
+
+
+def _set_nodelay(_client: mqtt.Client, _userdata: Any, sock: Any) -> None:
+    """Disable Nagle's algorithm: paho does not, and small MQTT packets (a reply, then the PUBACK
+    of its request) otherwise wait for the peer's delayed ACK, tens of ms each."""
+    with contextlib.suppress(OSError, AttributeError):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def connect_properties(

@@ -100,6 +100,7 @@ class Broker:
             "persistence true\n"
             f"persistence_location {workdir}/\n"
             "autosave_interval 1\n"
+            "set_tcp_nodelay true\n"
             "max_queued_messages 10000\n"
             f"log_dest file {workdir}/mosquitto.log\n"
             "log_type error\nlog_type warning\nlog_type notice\nlog_type information\n"
