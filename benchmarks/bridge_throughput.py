@@ -354,12 +354,15 @@ def report(results: list[Result]) -> str:
             "",
             f"gain c{hi}/c{lo}: MQTT {gm:.2f}x, direct {gd:.2f}x, ratio {gm / gd:.3f}",
         ]
-    m1, d1 = by.get(("mqtt-1tok", 1)), by.get(("direct-1tok", 1))
-    if m1 and d1:
-        lines.append(
-            f"fixed cost per request (1-token requests, c=1): p50 direct {d1.pct(50) * 1000:.1f} ms,"
-            f" MQTT {m1.pct(50) * 1000:.1f} ms, added {(m1.pct(50) - d1.pct(50)) * 1000:+.1f} ms"
-        )
+    for tag, what in (("1tok", "1-token requests"), ("paired", "full-length requests")):
+        m1, d1 = by.get((f"mqtt-{tag}", 1)), by.get((f"direct-{tag}", 1))
+        if m1 and d1:
+            diffs = [m - d for m, d in zip(m1.latencies, d1.latencies, strict=True)]
+            lines.append(
+                f"c=1, {what}, paths alternating ({len(diffs)} pairs): p50 direct "
+                f"{d1.pct(50) * 1000:.1f} ms, MQTT {m1.pct(50) * 1000:.1f} ms; median paired "
+                f"difference {statistics.median(diffs) * 1000:+.1f} ms"
+            )
     return "\n".join(lines)
 
 
@@ -401,31 +404,35 @@ async def bench(args: argparse.Namespace, stack: Stack) -> list[Result]:
                     if path not in best or r.tps > best[path].tps:
                         best[path] = r
             results += [best["direct"], best["mqtt"]]
-        if args.overhead_pairs:
-            results += await paired_overhead(engine, model, req, args.overhead_pairs)
+        if args.overhead_pairs:  # the fixed cost, without decoding noise
+            results += await paired(engine, model, req, args.overhead_pairs, 1, "1tok")
+        if args.paired:  # full-length requests
+            results += await paired(engine, model, req, args.paired, args.max_tokens, "paired")
     finally:
         req.close()
     return results
 
 
-async def paired_overhead(engine: str, model: str, req: MqttRequester, pairs: int) -> list[Result]:
-    """The bridge's fixed cost per request, measured without decoding noise: 1-token requests at
-    concurrency 1, direct and MQTT alternating, so both see the same background load."""
+async def paired(
+    engine: str, model: str, req: MqttRequester, pairs: int, max_tokens: int, tag: str
+) -> list[Result]:
+    """Concurrency 1 with direct and MQTT requests alternating, so both see the same background
+    load; the median of the paired differences is what the MQTT path adds."""
     direct: list[float] = []
     via: list[float] = []
     for _ in range(pairs):
-        d = await run_direct(engine, model, 1, 1, 1)
-        m = await run_mqtt(req, 1, 1, 1)
+        d = await run_direct(engine, model, 1, 1, max_tokens)
+        m = await run_mqtt(req, 1, 1, max_tokens)
         direct += d.latencies
         via += m.latencies
     out = [
-        Result("direct-1tok", 1, pairs, sum(direct), pairs, direct),
-        Result("mqtt-1tok", 1, pairs, sum(via), pairs, via),
+        Result(f"direct-{tag}", 1, pairs, sum(direct), pairs * max_tokens, direct),
+        Result(f"mqtt-{tag}", 1, pairs, sum(via), pairs * max_tokens, via),
     ]
     diffs = sorted(m - d for m, d in zip(via, direct, strict=True))
     print(
-        f"overhead (1-token requests, {pairs} pairs): p50 direct {statistics.median(direct) * 1000:.1f}"
-        f" ms, MQTT {statistics.median(via) * 1000:.1f} ms, median paired difference "
+        f"paired c=1 {tag} ({pairs} pairs): p50 direct {statistics.median(direct) * 1000:.1f} ms,"
+        f" MQTT {statistics.median(via) * 1000:.1f} ms, median paired difference "
         f"{statistics.median(diffs) * 1000:+.1f} ms",
         file=sys.stderr,
     )
@@ -456,6 +463,12 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=40,
         help="1-token requests, direct and MQTT alternating, to measure the bridge's fixed cost",
+    )
+    p.add_argument(
+        "--paired",
+        type=int,
+        default=8,
+        help="full-length requests at concurrency 1, direct and MQTT alternating",
     )
     p.add_argument("--json", type=Path, help="also write the raw results here")
     args = p.parse_args(argv)
