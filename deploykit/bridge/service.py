@@ -398,8 +398,6 @@ class Bridge:
     async def _answer_repeat(self, inbound: Inbound, parsed: Accepted, entry: Any) -> None:
         stored = await self.dedupe.wait(entry, self.tuning.request_timeout_s)
         if stored is None:  # the first attempt failed or vanished: answer this one afresh
-            key = (inbound.project, parsed.routing.request_id)
-            self.dedupe.finish(key, None)
             self._accept(inbound, parsed)
             return
         log.info("repeat of request %s answered from the cache", parsed.routing.request_id)
