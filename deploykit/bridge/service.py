@@ -461,11 +461,18 @@ class Bridge:
         try:
             session = self.sessions.get(key)
             max_tokens, params = self._sampling(request, cfg)
+            assert self.engine.model is not None
+            max_model_len = self.engine.model.max_model_len
+            if max_tokens >= max_model_len:
+                raise RequestFailed(
+                    ErrorCode.OUT_OF_RANGE,
+                    f"maxTokens {max_tokens} leaves no room for the prompt: the model's context "
+                    f"is {max_model_len} tokens",
+                )
             system = request.systemPrompt if request.systemPrompt is not None else cfg.system_prompt
             new_tokens = await self._count(request.message)
             system_tokens = await self._count(system, cache=True) if system else None
-            assert self.engine.model is not None
-            budget = self.engine.model.max_model_len - max_tokens
+            budget = max_model_len - max_tokens
             try:
                 trimmed = trim_history(
                     session.history,
@@ -512,6 +519,10 @@ class Bridge:
             if err.unavailable:
                 self.engine_ok = await self.engine.health()
                 code = ErrorCode.ENGINE_UNAVAILABLE
+            elif err.status == 400 and "context length" in str(err).lower():
+                # the engine's own count disagreed with ours (vllm/renderers/params.py:
+                # "This model's maximum context length is ..."): the message is too long
+                code = ErrorCode.MESSAGE_TOO_LONG
             else:
                 code = ErrorCode.ENGINE_ERROR
             self._reject(inbound, routing, code, str(err))

@@ -48,7 +48,11 @@ BRIDGE_CONFIG: dict[str, Any] = {
         "maze": {"system_prompt": "You guide a player.", "max_history_tokens": 60},
         # the model's window binds, not the config; stop strings keep the random model's answers
         # short although maxTokens is large
-        "tight": {"max_history_tokens": 100000, "engine_extra": {"stop": [" ", "e", "a", "o"]}},
+        "tight": {
+            "max_history_tokens": 100000,
+            "max_max_tokens": 4096,
+            "engine_extra": {"stop": [" ", "e", "a", "o"]},
+        },
         "limited": {"rate_limit_per_minute": 1, "rate_limit_burst": 2},
         "locked": {"allow_system_prompt_override": False, "system_prompt": "Fixed."},
     },

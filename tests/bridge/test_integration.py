@@ -248,6 +248,8 @@ def test_context_budget_and_too_long_message(client: Client) -> None:
         prompts.append(env["usage"]["prompt_tokens"])
     assert max(prompts) <= 60, prompts  # never past max_model_len - maxTokens
     assert max(prompts) > prompts[0] + 10, prompts  # the history was used up to the budget
+    no_room = ask(client, "tight", {"sessionId": session, "message": "m", "maxTokens": 1024})
+    assert no_room["error"]["code"] == "out_of_range", no_room
     long = ask(
         client, "tight", {"sessionId": session, "message": "word " * 200, "maxTokens": max_tokens}
     )
