@@ -3,7 +3,8 @@ OpenAI-compatible HTTP API (vLLM). Run it with ``deploykit bridge`` or ``python 
 
 Modules: ``config`` (settings and the YAML config), ``protocol`` (request validation, reply topics and
 payloads), ``sessions`` (history, token trimming, ordering, expiry), ``limits`` (rate limits,
-de-duplication), ``engine`` (HTTP client), ``metrics`` (/health, /metrics), ``transport`` (paho, MQTT 5),
+de-duplication), ``prompts`` (sampling parameters, prompt with trimmed history),
+``engine`` (HTTP client), ``metrics`` (/health, /metrics), ``transport`` (paho, MQTT 5),
 ``service`` (request handling),
 ``runner`` (process entry: logging, signals).
 """

@@ -49,6 +49,15 @@ class ErrorCode(StrEnum):
     INTERNAL_ERROR = "internal_error"
 
 
+class RequestFailed(Exception):
+    """A valid request that cannot be answered; becomes an error reply with ``code``."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
 class ChatRequest(BaseModel):
     """A validated request. Field names are the wire names (camelCase)."""
 

@@ -21,15 +21,17 @@ from typing import Any
 import paho.mqtt.client as mqtt
 
 from deploykit.bridge.config import BridgeConfig, ProjectConfig, Settings
-from deploykit.bridge.engine import Completion, EngineClient, EngineError, TemplateOverhead
+from deploykit.bridge.engine import Completion, EngineClient, EngineError
 from deploykit.bridge.limits import DedupeCache, StoredReply, TokenBucket
 from deploykit.bridge.metrics import HttpEndpoint, Metrics
+from deploykit.bridge.prompts import PromptBuilder
 from deploykit.bridge.protocol import (
     STREAM_SUFFIX,
     Accepted,
     ChatRequest,
     ErrorCode,
     Rejection,
+    RequestFailed,
     Routing,
     envelope,
     error_payload,
@@ -37,7 +39,7 @@ from deploykit.bridge.protocol import (
     parse_request,
     stream_payload,
 )
-from deploykit.bridge.sessions import PromptTooLong, SessionKey, SessionStore, Turn, trim_history
+from deploykit.bridge.sessions import SessionKey, SessionStore, Turn
 from deploykit.bridge.transport import MqttTransport
 from deploykit.mqttclient import (
     STATUS_TOPIC,
@@ -46,13 +48,6 @@ from deploykit.mqttclient import (
 )
 
 log = logging.getLogger("deploykit.bridge")
-
-
-class RequestFailed(Exception):
-    def __init__(self, code: ErrorCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 @dataclass
@@ -98,11 +93,10 @@ class Bridge:
             if cfg.rate_limit_per_minute
         }
         self.http = HttpEndpoint(self.health, self.render_metrics)
-        self.overhead = TemplateOverhead(base=0, per_message=0)
+        self.prompts = PromptBuilder(self.engine)
         self.engine_ok = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self.mqtt: MqttTransport | None = None
-        self._token_cache: dict[str, int] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._debug = log.isEnabledFor(logging.DEBUG)
         self.ready = asyncio.Event()
@@ -147,14 +141,14 @@ class Bridge:
         while not stop.is_set():
             try:
                 model = await self.engine.discover()
-                self.overhead = await self.engine.template_overhead()
+                self.prompts.overhead = await self.engine.template_overhead()
                 self.engine_ok = True
                 log.info(
                     "engine %s serves %s (max_model_len %d, template overhead %s)",
                     self.settings.engine,
                     model.name,
                     model.max_model_len,
-                    self.overhead,
+                    self.prompts.overhead,
                 )
                 for name, cfg in self.projects.items():
                     if cfg.default_max_tokens >= model.max_model_len:
@@ -411,27 +405,6 @@ class Bridge:
         self._ack_after(inbound, future)
 
     # ---------------------------------------------------------------- generation
-    async def _count(self, text: str, cache: bool = False) -> int:
-        if cache and text in self._token_cache:
-            return self._token_cache[text]
-        n = await self.engine.count_tokens(text)
-        if cache:
-            if len(self._token_cache) > 1000:
-                self._token_cache.clear()
-            self._token_cache[text] = n
-        return n
-
-    def _sampling(self, request: ChatRequest, cfg: ProjectConfig) -> tuple[int, dict[str, Any]]:
-        max_tokens = request.maxTokens if request.maxTokens is not None else cfg.default_max_tokens
-        # temperature 0 is greedy: only a missing value falls back to the default
-        temperature = (
-            request.temperature if request.temperature is not None else cfg.default_temperature
-        )
-        top_p = request.topP if request.topP is not None else cfg.default_top_p
-        params: dict[str, Any] = {**cfg.engine_extra}
-        params.update(max_tokens=max_tokens, temperature=temperature, top_p=top_p)
-        return max_tokens, params
-
     async def _run_chat(
         self,
         inbound: Inbound,
@@ -460,50 +433,20 @@ class Bridge:
         stored: StoredReply | None = None
         try:
             session = self.sessions.get(key)
-            max_tokens, params = self._sampling(request, cfg)
             assert self.engine.model is not None
-            max_model_len = self.engine.model.max_model_len
-            if max_tokens >= max_model_len:
-                raise RequestFailed(
-                    ErrorCode.OUT_OF_RANGE,
-                    f"maxTokens {max_tokens} leaves no room for the prompt: the model's context "
-                    f"is {max_model_len} tokens",
-                )
-            system = request.systemPrompt if request.systemPrompt is not None else cfg.system_prompt
-            new_tokens = await self._count(request.message)
-            system_tokens = await self._count(system, cache=True) if system else None
-            budget = max_model_len - max_tokens
-            try:
-                trimmed = trim_history(
-                    session.history,
-                    new_tokens=new_tokens,
-                    system_tokens=system_tokens,
-                    base_overhead=self.overhead.base,
-                    per_message_overhead=self.overhead.per_message,
-                    max_history_tokens=cfg.max_history_tokens,
-                    budget=budget,
-                )
-            except PromptTooLong as err:
-                raise RequestFailed(
-                    ErrorCode.MESSAGE_TOO_LONG,
-                    f"the message is too long for the model: {err} "
-                    f"(max_model_len {self.engine.model.max_model_len} - maxTokens {max_tokens})",
-                ) from err
-            messages: list[dict[str, str]] = []
-            if system:
-                messages.append({"role": "system", "content": system})
-            messages += [{"role": t.role, "content": t.content} for t in trimmed.history]
-            messages.append({"role": "user", "content": request.message})
+            prompt = await self.prompts.build(
+                session.history, request, cfg, self.engine.model.max_model_len
+            )
             completion = await asyncio.wait_for(
-                self._generate(messages, params, request, routing, inbound),
+                self._generate(prompt.messages, prompt.params, request, routing, inbound),
                 self.tuning.request_timeout_s,
             )
             self.engine_ok = True
             self.metrics.prompt_tokens += completion.prompt_tokens
             self.metrics.completion_tokens += completion.completion_tokens
             session.history = [
-                *trimmed.history,
-                Turn("user", request.message, new_tokens),
+                *prompt.kept_history,
+                Turn("user", request.message, prompt.new_tokens),
                 Turn("assistant", completion.text, completion.completion_tokens),
             ]
             usage = {

@@ -421,3 +421,23 @@ def test_cli_bridge_help_and_usage_error(capsys: pytest.CaptureFixture[str]) -> 
         main(["bridge", "--broker", "http://x", "--engine", "http://127.0.0.1:1"])
     assert exit_bad.value.code == 2
     assert "unsupported broker URL scheme" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ sampling
+def test_sampling_params_temperature_zero_is_greedy() -> None:
+    from deploykit.bridge.config import ProjectConfig
+    from deploykit.bridge.prompts import sampling_params
+    from deploykit.bridge.protocol import ChatRequest
+
+    cfg = ProjectConfig.model_validate(
+        {
+            "default_temperature": 0.7,
+            "default_max_tokens": 32,
+            "engine_extra": {"ignore_eos": True, "temperature": 1.5},
+        }
+    )
+    greedy = sampling_params(ChatRequest(sessionId="s", message="m", temperature=0), cfg)
+    assert greedy["temperature"] == 0.0  # not the default, not engine_extra
+    assert greedy["ignore_eos"] is True and greedy["max_tokens"] == 32
+    default = sampling_params(ChatRequest(sessionId="s", message="m", maxTokens=5), cfg)
+    assert default["temperature"] == 0.7 and default["max_tokens"] == 5
