@@ -8,7 +8,7 @@ concurrency, the MQTT/direct ratios, and each path's gain from concurrency 1 to 
 
 Quick start (see benchmarks/README.md):
 
-    $VLLM_PY benchmarks/make_model.py --bench /tmp/dk-bench
+    $VLLM_PY templates/engine/cpu/make_demo_model.py --size bench /tmp/dk-bench
     .venv/bin/python benchmarks/bridge_throughput.py --model /tmp/dk-bench
 
 ``--model DIR`` starts the vLLM CPU server (with ``--vllm-python``), Mosquitto and the bridge

