@@ -86,11 +86,18 @@ class Stopwatch:
         return time.monotonic()
 
 
+#: One stopwatch per test session; its marks are printed in pytest's terminal summary (not
+#: captured), so every run shows the image build times and the time from `up` to healthy.
+_WATCH = Stopwatch()
+
+
 @pytest.fixture(scope="session")
-def timings() -> Iterator[Stopwatch]:
-    watch = Stopwatch()
-    yield watch
-    if watch.marks:
-        print(
-            "\n[containers] timings: " + ", ".join(f"{k} {v:.1f} s" for k, v in watch.marks.items())
-        )
+def timings() -> Stopwatch:
+    return _WATCH
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if _WATCH.marks:
+        terminalreporter.section("containers: timings")
+        for name, seconds in _WATCH.marks.items():
+            terminalreporter.write_line(f"{name}: {seconds:.1f} s")
