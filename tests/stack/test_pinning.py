@@ -30,6 +30,26 @@ def stand_in_image(docker_api: Docker, local_bases: None) -> Iterator[str]:
     docker_api.remove_image(tag)
 
 
+@pytest.fixture(params=["v1", "v2"])
+def compose_version(
+    request: pytest.FixtureRequest,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    compose_v2_config: Path,
+) -> str:
+    """Run the test under docker-compose 1.29 or Docker Compose v2 (a CLI plugin via DOCKER_CONFIG)."""
+    version: str = request.param
+    if version == "v2":
+        monkeypatch.setenv("DOCKER_CONFIG", str(compose_v2_config))
+    else:
+        monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "no-plugins"))
+    picked = stack.compose_command()
+    if version == "v1" and picked != ["docker-compose"]:
+        pytest.skip("a system-wide Compose v2 plugin is installed, so v1 cannot be chosen here")
+    assert picked == (["docker", "compose"] if version == "v2" else ["docker-compose"])
+    return version
+
+
 @pytest.mark.parametrize("with_nvml", [False, True], ids=["no-nvml", "nvml"])
 @pytest.mark.parametrize("spec", ["2", "0,1"])
 def test_engine_container_gets_exactly_the_pinned_gpus(
@@ -39,13 +59,14 @@ def test_engine_container_gets_exactly_the_pinned_gpus(
     tmp_path: Path,
     spec: str,
     with_nvml: bool,
+    compose_version: str,
 ) -> None:
     inventory = four_h100 if with_nvml else []
     plan = stack.plan_up(
         quant="fp8",
         gpus=spec,
         gpu_class="cuda-fp8",
-        name=f"dkpin{len(spec)}{int(with_nvml)}",
+        name=f"dkpin{len(spec)}{int(with_nvml)}{compose_version}",
         state_dir=tmp_path,
         image_version=VERSION,
         mqtt_port=0,

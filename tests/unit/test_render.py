@@ -114,24 +114,20 @@ def test_hadolint_finds_nothing_at_warning_level(rendered: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def _compose_cli() -> list[str]:
-    if (
-        shutil.which("docker")
-        and subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0
-    ):
-        return ["docker", "compose"]
-    if shutil.which("docker-compose"):
-        return ["docker-compose"]
-    pytest.skip(
-        "neither `docker compose` nor `docker-compose` is installed (scripts/provision.sh installs it)"
-    )
-
-
-def test_every_compose_file_is_valid(rendered: Path, tmp_path: Path) -> None:
-    cli = _compose_cli()
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_every_compose_file_is_valid(
+    rendered: Path, tmp_path: Path, version: str, compose_clis: dict[str, list[str]]
+) -> None:
+    cli = compose_clis.get(version)
+    if cli is None:
+        pytest.fail(
+            f"Compose {version} is not installed (scripts/provision.sh and '.[dev]' install both)"
+        )
+    banner = subprocess.run([*cli, "version"], capture_output=True, text=True).stdout
+    assert ("version v2." in banner) == (version == "v2"), banner
     files = [rendered / compose_name(c) for c in supported_cells()]
     secrets = rendered / "secrets"
-    secrets.mkdir()
+    secrets.mkdir(exist_ok=True)
     for name in ("mqtt_users", "mqtt_bridge_username", "mqtt_bridge_password", "hf_token"):
         (secrets / name).write_text("x\n")
     for cell in supported_cells():
@@ -142,7 +138,7 @@ def test_every_compose_file_is_valid(rendered: Path, tmp_path: Path) -> None:
         result = subprocess.run(
             [*cli, "-f", str(path), "config", "-q"], capture_output=True, text=True
         )
-        assert result.returncode == 0, f"{path.name}: {result.stderr}"
+        assert result.returncode == 0, f"{version} {path.name}: {result.stderr}"
 
 
 def test_gpu_stack_pins_devices_and_tensor_parallel_size() -> None:
