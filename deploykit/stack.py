@@ -7,6 +7,7 @@ tensor-parallel size, model, projects) and ``stack.json`` (what health and chat 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import subprocess
@@ -320,7 +321,22 @@ def up(plan: StackPlan, *, start: bool = True, services: Sequence[str] = ()) -> 
     try:
         compose(plan.name, compose_file, [*args, *services], capture=True)
     except DockerError as err:
-        raise DockerError(f"{err.message}\n{_diagnose(plan.name, compose_file)}", err.hint) from err
+        diagnosis = _diagnose(plan.name, compose_file)
+        # Leave nothing half-started behind (volumes stay: a retry keeps the broker's data).
+        with contextlib.suppress(DockerError):
+            compose(plan.name, compose_file, ["down", "--remove-orphans"], capture=True)
+        low = err.message.lower()
+        if "address already in use" in low or "port is already allocated" in low:
+            port = plan.options.mqtt_port
+            raise DockerError(
+                f"the host port {port} for MQTT is already in use, so the broker could not start "
+                "(the partly started stack was removed again)",
+                f"stop what listens there (`ss -ltnp 'sport = :{port}'`), or pick another port "
+                "with --mqtt-port",
+            ) from err
+        raise DockerError(
+            f"{err.message}\n{diagnosis}\n(the partly started stack was removed again)", err.hint
+        ) from err
     return compose_file
 
 

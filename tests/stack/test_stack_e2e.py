@@ -7,6 +7,7 @@ inspect`, in logs or in the images.
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 import threading
@@ -267,3 +268,22 @@ def test_down_leaves_nothing(docker_api: Docker, running: stack.StackRecord) -> 
     assert docker_api.containers(label) == []
     assert docker_api.networks(label) == []
     assert docker_api.volumes(label) == []
+
+
+def test_taken_mqtt_port_is_a_clear_error_and_leaves_nothing(
+    docker_api: Docker, built: list[build.Built], tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    name = "dktest-port"
+    state = tmp_path_factory.mktemp("state-port")
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        up = cli("up", "--name", name, "--state-dir", str(state), "--mqtt-port", str(port))
+    assert up.returncode == 4, up.stderr
+    assert f"error: the host port {port} for MQTT is already in use" in up.stderr
+    assert "--mqtt-port" in up.stderr
+    assert docker_api.containers({stack.COMPOSE_PROJECT_LABEL: name}) == []
+    assert docker_api.networks({stack.COMPOSE_PROJECT_LABEL: name}) == []
+    cli("down", "--name", name, "--state-dir", str(state))  # the volumes kept for a retry
+    assert docker_api.volumes({stack.COMPOSE_PROJECT_LABEL: name}) == []
