@@ -52,21 +52,34 @@ def main(out: Path, name: str) -> int:
                 and by_index.compute_capability == float(cc),
             }
         )
-    with tempfile.TemporaryDirectory() as tmp:
-        plan = stack.plan_up(quant="fp8", gpus="0", state_dir=Path(tmp))
-        engine = yaml.safe_load(render.render_compose(plan.cell, plan.options))["services"][
-            "engine"
-        ]
-    devices = engine["deploy"]["resources"]["reservations"]["devices"]
-    cmd = engine["command"]
-    up = {
-        "cell": f"{plan.cell.quant} x {plan.cell.gpu_class}",
-        "device_ids": devices[0]["device_ids"],
-        "tensor_parallel_size": cmd[cmd.index("--tensor-parallel-size") + 1],
-        "CUDA_DEVICE_ORDER": engine["environment"]["CUDA_DEVICE_ORDER"],
-        "ok": devices[0]["device_ids"] == [rows[0][1]],
+    # What `deploykit up --quant fp8 --gpus SPEC` pins: the first GPU, and with several GPUs the
+    # last one alone and the first two together (tensor parallel 2).
+    specs = {"0": [rows[0][1]]}
+    if len(rows) >= 2:
+        specs[rows[-1][0]] = [rows[-1][1]]
+        specs["0,1"] = [rows[0][1], rows[1][1]]
+    ups = {}
+    for spec, want in specs.items():
+        with tempfile.TemporaryDirectory() as tmp:
+            plan = stack.plan_up(quant="fp8", gpus=spec, state_dir=Path(tmp))
+            engine = yaml.safe_load(render.render_compose(plan.cell, plan.options))["services"][
+                "engine"
+            ]
+        devices = engine["deploy"]["resources"]["reservations"]["devices"]
+        cmd = engine["command"]
+        ups[f"up_fp8_gpus_{spec.replace(',', '_')}"] = {
+            "cell": f"{plan.cell.quant} x {plan.cell.gpu_class}",
+            "device_ids": devices[0]["device_ids"],
+            "tensor_parallel_size": cmd[cmd.index("--tensor-parallel-size") + 1],
+            "CUDA_DEVICE_ORDER": engine["environment"]["CUDA_DEVICE_ORDER"],
+            "ok": devices[0]["device_ids"] == want
+            and cmd[cmd.index("--tensor-parallel-size") + 1] == str(len(want)),
+        }
+    record = {
+        "gpus": checks,
+        **ups,
+        "ok": all(c["ok"] for c in checks) and all(u["ok"] for u in ups.values()),
     }
-    record = {"gpus": checks, "up_fp8_gpus_0": up, "ok": all(c["ok"] for c in checks) and up["ok"]}
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}-pinning.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     print(json.dumps(record, indent=2, sort_keys=True))
