@@ -96,3 +96,27 @@ def test_up_refuses_a_driver_too_old_for_the_image(tmp_path: Path) -> None:
             quant="fp8", gpus="0", state_dir=tmp_path, inventory=inv.gpus, driver=inv.driver
         )
     assert "-cu129" in (err.value.hint or "")
+
+
+def test_up_pins_what_was_recorded_on_two_real_h100s(tmp_path: Path) -> None:
+    """Replays tests/stack/data/h100x2-pinning.json (recorded with record_pinning.py on 2 H100s)
+    through plan_up, fed the NVML inventory recorded on the same machine."""
+    inv = devices.load_inventory(DATA / "h100x2-nvml.json")
+    recorded = json.loads((Path(__file__).parent / "data" / "h100x2-pinning.json").read_text())
+    ups = {
+        k.removeprefix("up_fp8_gpus_").replace("_", ","): v
+        for k, v in recorded.items()
+        if k.startswith("up_")
+    }
+    assert set(ups) == {"0", "1", "0,1"}
+    for spec, want in ups.items():
+        plan = stack.plan_up(
+            quant="fp8", gpus=spec, state_dir=tmp_path, inventory=inv.gpus, driver=inv.driver
+        )
+        engine = yaml.safe_load(render_compose(plan.cell, plan.options))["services"]["engine"]
+        assert (
+            engine["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"]
+            == want["device_ids"]
+        )
+        cmd = engine["command"]
+        assert cmd[cmd.index("--tensor-parallel-size") + 1] == want["tensor_parallel_size"]
