@@ -81,6 +81,9 @@ class StackOptions:
     max_model_len: int | None = None
     gpu_memory_utilization: float | None = None
     kv_cache_dtype: str | None = None  # overrides the cell's --kv-cache-dtype
+    reasoning_parser: str | None = (
+        None  # vLLM's --reasoning-parser: <think> text kept out of answers
+    )
     mqtt_port: int = MQTT_PORT
     mqtt_bind: str = "0.0.0.0"
     secrets_dir: str = "../secrets"  # relative to the compose file, or absolute
@@ -321,6 +324,8 @@ def _engine_command(cell: Cell, options: StackOptions) -> list[str]:
         args += ["--gpu-memory-utilization", f"{options.gpu_memory_utilization:g}"]
     if options.kv_cache_dtype:
         args += ["--kv-cache-dtype", options.kv_cache_dtype]
+    if options.reasoning_parser:
+        args += ["--reasoning-parser", options.reasoning_parser]
     return args
 
 

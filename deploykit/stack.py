@@ -19,7 +19,7 @@ from typing import Any
 from deploykit import matrix, render
 from deploykit.errors import DockerError, GpuError, UnsupportedError, UsageError
 from deploykit.matrix import Cell, GpuClass
-from deploykit.plan import gate
+from deploykit.plan import DEFAULT_GPU_MEMORY_UTILIZATION, gate
 from deploykit.secrets import ensure_secrets
 
 DEFAULT_NAME = "deploykit"
@@ -146,6 +146,11 @@ def plan_up(
     image_version: str | None = None,
     inventory: Sequence[Any] | None = None,
     driver: Any | None = None,
+    max_model_len: int | None = None,
+    gpu_memory_utilization: float | None = None,
+    kv_cache_dtype: str | None = None,
+    reasoning_parser: str | None = None,
+    bridge_config: Path | None = None,
     force: bool = False,
     warn: Callable[[str], None] = lambda message: None,
 ) -> StackPlan:
@@ -202,9 +207,17 @@ def plan_up(
         gpus=pinned.gpus if pinned is not None else (),
         driver=driver,
         model=local_model or model or (None if cls is GpuClass.CPU else cell.default_model),
+        max_model_len=max_model_len,
+        kv_cache_dtype=kv_cache_dtype,
+        gpu_memory_utilization=gpu_memory_utilization or DEFAULT_GPU_MEMORY_UTILIZATION,
         tensor_parallel_size=len(pinned.device_ids) if pinned is not None else None,
         force=force,
     )
+    if bridge_config is not None:
+        from deploykit.bridge.config import load_config
+
+        bridge_config = bridge_config.expanduser().resolve()
+        load_config(bridge_config)  # a bad file is refused now, not in a restarting container
     for message in result.warnings:
         warn(f"--force: going ahead although {message}")
     for note in result.notes:
@@ -217,6 +230,11 @@ def plan_up(
         model=f"/models/{local_model.name}" if local_model else model,
         served_model_name=local_model.name if local_model else None,
         models_dir=str(local_model.parent) if local_model else None,
+        max_model_len=max_model_len,
+        gpu_memory_utilization=gpu_memory_utilization,
+        kv_cache_dtype=kv_cache_dtype,
+        reasoning_parser=reasoning_parser,
+        bridge_config=str(bridge_config) if bridge_config else None,
         projects=tuple(projects),
         mqtt_port=mqtt_port,
         secrets_dir=str(secrets),

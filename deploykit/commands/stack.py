@@ -181,6 +181,29 @@ def register(app: typer.Typer) -> None:
         name: str = NAME,
         state_dir: Path = STATE_DIR,
         secrets_dir: Path | None = typer.Option(None, "--secrets-dir", help="Secrets folder."),
+        max_model_len: str | None = typer.Option(
+            None, "--max-model-len", help="Context length (e.g. 8192, 32k); default: the model's."
+        ),
+        gpu_memory_utilization: float | None = typer.Option(
+            None, "--gpu-memory-utilization", help="Fraction of each GPU's memory for vLLM (0.92)."
+        ),
+        kv_cache_dtype: str | None = typer.Option(
+            None,
+            "--kv-cache-dtype",
+            help="auto, fp8 (halves KV memory), ... (default: the method's).",
+        ),
+        reasoning_parser: str | None = typer.Option(
+            None,
+            "--reasoning-parser",
+            help="vLLM reasoning parser for <think> models (e.g. deepseek_r1, qwen3).",
+        ),
+        bridge_config: Path | None = typer.Option(
+            None,
+            "--bridge-config",
+            exists=True,
+            dir_okay=False,
+            help="YAML with per-project settings (system prompt, limits, overrides, rate limit).",
+        ),
         force: bool = typer.Option(
             False,
             "--force",
@@ -201,6 +224,11 @@ def register(app: typer.Typer) -> None:
             state_dir=state_dir,
             secrets_dir=secrets_dir,
             mqtt_port=mqtt_port,
+            max_model_len=plan.parse_length(max_model_len) if max_model_len else None,
+            gpu_memory_utilization=gpu_memory_utilization,
+            kv_cache_dtype=kv_cache_dtype,
+            reasoning_parser=reasoning_parser,
+            bridge_config=bridge_config,
             force=force,
             warn=_warn,
         )

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from deploykit import devices, stack
-from deploykit.errors import GpuError, ModelError
+from deploykit.errors import GpuError, ModelError, UsageError
 from deploykit.render import render_compose
 
 DATA = Path(__file__).resolve().parent.parent / "data"
@@ -120,3 +120,67 @@ def test_up_pins_what_was_recorded_on_two_real_h100s(tmp_path: Path) -> None:
         )
         cmd = engine["command"]
         assert cmd[cmd.index("--tensor-parallel-size") + 1] == want["tensor_parallel_size"]
+
+
+def test_up_options_reach_the_engine_and_the_bridge(tmp_path: Path) -> None:
+    inv = devices.load_inventory(DATA / "h100-nvml.json")
+    config = tmp_path / "bridge.yaml"
+    config.write_text("projects:\n  maze:\n    system_prompt: You guide a player through a maze.\n")
+    plan = stack.plan_up(
+        quant="fp8",
+        gpus="0",
+        model=str(checkpoint(tmp_path)),
+        state_dir=tmp_path,
+        inventory=inv.gpus,
+        driver=inv.driver,
+        max_model_len=4096,
+        gpu_memory_utilization=0.8,
+        reasoning_parser="deepseek_r1",
+        bridge_config=config,
+    )
+    services = yaml.safe_load(render_compose(plan.cell, plan.options))["services"]
+    cmd = services["engine"]["command"]
+    assert cmd[cmd.index("--max-model-len") + 1] == "4096"
+    assert cmd[cmd.index("--gpu-memory-utilization") + 1] == "0.8"
+    assert cmd[cmd.index("--reasoning-parser") + 1] == "deepseek_r1"
+    assert f"{config}:/etc/deploykit/bridge.yaml:ro" in services["bridge"]["volumes"]
+    assert (
+        services["bridge"]["environment"]["DEPLOYKIT_BRIDGE_CONFIG"] == "/etc/deploykit/bridge.yaml"
+    )
+
+
+def test_a_bad_bridge_config_is_refused_before_anything_starts(tmp_path: Path) -> None:
+    config = tmp_path / "bridge.yaml"
+    config.write_text("defaults:\n  default_max_tokens: lots\n")
+    with pytest.raises(UsageError, match="default_max_tokens"):
+        stack.plan_up(state_dir=tmp_path, inventory=[], bridge_config=config)
+
+
+def test_a_context_too_long_for_the_gpu_is_refused_with_the_length_that_fits(
+    tmp_path: Path,
+) -> None:
+    inv = devices.load_inventory(DATA / "h100-nvml.json")
+    # Llama-3-8B shape: 128 KiB of bf16 KV per token, so a million tokens need 128 GiB
+    model = checkpoint(tmp_path, max_position_embeddings=1048576)
+    with pytest.raises(ModelError) as err:
+        stack.plan_up(
+            quant="none",
+            gpus="0",
+            model=str(model),
+            state_dir=tmp_path,
+            inventory=inv.gpus,
+            driver=inv.driver,
+            max_model_len=1048576,
+        )
+    assert err.value.hint is not None and err.value.hint.startswith("use --max-model-len ")
+    fits = int(err.value.hint.removeprefix("use --max-model-len "))
+    assert 100_000 < fits < 1048576
+    stack.plan_up(
+        quant="none",
+        gpus="0",
+        model=str(model),
+        state_dir=tmp_path,
+        inventory=inv.gpus,
+        driver=inv.driver,
+        max_model_len=fits,
+    )
