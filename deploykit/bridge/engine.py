@@ -42,6 +42,8 @@ class Completion:
     completion_tokens: int = 0
     finish_reason: str | None = None
     usage: dict[str, int] = field(default_factory=dict)
+    #: The engine's reasoning parser split off reasoning text (never sent, never kept).
+    reasoned: bool = False
 
 
 @dataclass(frozen=True)
@@ -144,7 +146,9 @@ class EngineClient:
         data = await self._post("/v1/chat/completions", self._body(messages, params))
         try:
             choice = data["choices"][0]
-            text = choice["message"].get("content") or ""
+            message = choice["message"]
+            text = message.get("content") or ""
+            reasoned = bool(message.get("reasoning") or message.get("reasoning_content"))
         except (KeyError, IndexError, TypeError) as err:
             raise EngineError(f"unexpected engine answer: {str(data)[:200]}", 502) from err
         usage = data.get("usage") or {}
@@ -153,6 +157,7 @@ class EngineClient:
             prompt_tokens=int(usage.get("prompt_tokens") or 0),
             completion_tokens=int(usage.get("completion_tokens") or 0),
             finish_reason=choice.get("finish_reason"),
+            reasoned=reasoned,
         )
 
     async def chat_stream(
@@ -165,6 +170,7 @@ class EngineClient:
         parts: list[str] = []
         usage: dict[str, Any] = {}
         finish: str | None = None
+        reasoned = False
         try:
             async with self._http.stream("POST", "/v1/chat/completions", json=body) as response:
                 if response.status_code != 200:
@@ -182,7 +188,10 @@ class EngineClient:
                     if chunk.get("usage"):
                         usage = chunk["usage"]
                     for choice in chunk.get("choices") or []:
-                        delta = (choice.get("delta") or {}).get("content")
+                        fields = choice.get("delta") or {}
+                        if fields.get("reasoning") or fields.get("reasoning_content"):
+                            reasoned = True  # reasoning deltas are never streamed to clients
+                        delta = fields.get("content")
                         if delta:
                             parts.append(delta)
                             yield delta
@@ -195,6 +204,7 @@ class EngineClient:
             prompt_tokens=int(usage.get("prompt_tokens") or 0),
             completion_tokens=int(usage.get("completion_tokens") or 0),
             finish_reason=finish,
+            reasoned=reasoned,
         )
 
 

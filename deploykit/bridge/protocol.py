@@ -43,6 +43,7 @@ class ErrorCode(StrEnum):
     OVERRIDE_NOT_ALLOWED = "override_not_allowed"
     RATE_LIMITED = "rate_limited"
     MESSAGE_TOO_LONG = "message_too_long"
+    NO_ANSWER = "no_answer"  # the model reasoned but gave no answer (maxTokens ran out)
     ENGINE_UNAVAILABLE = "engine_unavailable"
     ENGINE_ERROR = "engine_error"
     TIMEOUT = "timeout"

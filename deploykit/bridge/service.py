@@ -444,6 +444,12 @@ class Bridge:
             self.engine_ok = True
             self.metrics.prompt_tokens += completion.prompt_tokens
             self.metrics.completion_tokens += completion.completion_tokens
+            if completion.reasoned and not completion.text.strip():
+                raise RequestFailed(
+                    ErrorCode.NO_ANSWER,
+                    f"the model spent its {completion.completion_tokens} tokens on reasoning and "
+                    "gave no answer; allow more with maxTokens",
+                )
             session.history = [
                 *prompt.kept_history,
                 Turn("user", request.message, prompt.new_tokens),

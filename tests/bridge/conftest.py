@@ -20,7 +20,7 @@ import threading
 import time
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -191,7 +191,14 @@ class Engine:
     log: Path
 
 
-def start_vllm(model_dir: Path, log: Path, port: int, *, kv_bytes: int = 256 << 20) -> Engine:
+def start_vllm(
+    model_dir: Path,
+    log: Path,
+    port: int,
+    *,
+    kv_bytes: int = 256 << 20,
+    extra_args: Sequence[str] = (),
+) -> Engine:
     cmd = [
         VLLM_PYTHON, "-m", "vllm.entrypoints.openai.api_server",
         "--model", str(model_dir), "--served-model-name", "tiny",
@@ -202,6 +209,7 @@ def start_vllm(model_dir: Path, log: Path, port: int, *, kv_bytes: int = 256 << 
         # (vllm/v1/worker/cpu_worker.py); keep the test server small.
         "--kv-cache-memory-bytes", str(kv_bytes),
         "--disable-log-stats",
+        *extra_args,
     ]  # fmt: skip
     env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": "auto", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.Popen(

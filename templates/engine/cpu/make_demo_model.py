@@ -45,6 +45,9 @@ SIZES: dict[str, dict[str, int]] = {
 
 VOCAB_SIZE = 512
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+#: With --think: reasoning markers, and a generation prompt that opens <think> (as DeepSeek-R1's
+#: template does), so vLLM's `deepseek_r1` reasoning parser has something to split off.
+THINK_TOKENS = ["<think>", "</think>"]
 
 # A plain chat template: one role marker per message, <|end|> after each, and the assistant marker
 # as the generation prompt. Generation stops at </s> or <|end|> (generation_config eos ids).
@@ -54,6 +57,9 @@ CHAT_TEMPLATE = (
     "{{ '<|' + message['role'] + '|>\\n' + message['content'] + '<|end|>\\n' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
+)
+THINK_CHAT_TEMPLATE = CHAT_TEMPLATE.replace(
+    "'<|assistant|>\\n' }}{% endif %}", "'<|assistant|>\\n<think>\\n' }}{% endif %}"
 )
 
 _WORDS = (  # noqa: SIM905
@@ -80,16 +86,18 @@ def _corpus(n_lines: int = 4000) -> list[str]:
     return lines
 
 
-def build_tokenizer(out: Path) -> None:
+def build_tokenizer(out: Path, think: bool = False) -> None:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
+    specials = SPECIAL_TOKENS + (THINK_TOKENS if think else [])
+    template = THINK_CHAT_TEMPLATE if think else CHAT_TEMPLATE
     trainer = trainers.BpeTrainer(
         vocab_size=VOCAB_SIZE,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=specials,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -100,15 +108,15 @@ def build_tokenizer(out: Path) -> None:
         eos_token="</s>",
         unk_token="<unk>",
         pad_token="</s>",
-        additional_special_tokens=SPECIAL_TOKENS[3:],
+        additional_special_tokens=specials[3:],
     )
-    fast.chat_template = CHAT_TEMPLATE
+    fast.chat_template = template
     fast.model_max_length = 1 << 20
     fast.save_pretrained(str(out))
     # Older transformers keep the template only in tokenizer_config.json; write it explicitly too.
     cfg_path = out / "tokenizer_config.json"
     cfg = json.loads(cfg_path.read_text())
-    cfg["chat_template"] = CHAT_TEMPLATE
+    cfg["chat_template"] = template
     cfg_path.write_text(json.dumps(cfg, indent=2))
 
 
@@ -147,10 +155,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out", type=Path, help="output directory (created)")
     parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--think", action="store_true", help="add <think> tokens; replies open in reasoning"
+    )
     args = parser.parse_args(argv)
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
-    build_tokenizer(out)
+    build_tokenizer(out, think=args.think)
     n = build_model(out, args.size, args.seed)
     print(f"wrote {args.size} Llama ({n / 1e6:.1f}M params) to {out}", file=sys.stderr)
     return 0
