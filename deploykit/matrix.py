@@ -7,7 +7,7 @@ Pure: no environment, no Docker, no NVML. The numbers are vLLM's own; each cites
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from enum import StrEnum
 
 from deploykit.errors import UnsupportedError, UsageError
@@ -199,7 +199,6 @@ class Cell:
     #: dtype to use instead of bfloat16 on GPUs below BF16_MIN_CC (None: not applicable).
     dtype_below_bf16: str | None = None
     default_model: str = ""
-    notes: tuple[str, ...] = field(default=())
 
     @property
     def image_name(self) -> str:
@@ -299,7 +298,6 @@ def _cell(quant: Quant, gpu_class: GpuClass) -> Cell:
         reason: str,
         vllm_args: tuple[str, ...] = (),
         online: tuple[str, ...] = (),
-        prequantized: bool = False,
     ) -> Cell:
         return Cell(
             quant,
@@ -309,7 +307,7 @@ def _cell(quant: Quant, gpu_class: GpuClass) -> Cell:
             min_cc,
             vllm_args=vllm_args,
             extra_packages=method.extra_packages,
-            requires_prequantized=prequantized,
+            requires_prequantized=method.checkpoint is Checkpoint.PREQUANTIZED,
             checkpoint_quant_methods=method.checkpoint_quant_methods,
             online_quant_args=online,
             dtype_below_bf16=dtype_fallback,
@@ -340,7 +338,6 @@ def _cell(quant: Quant, gpu_class: GpuClass) -> Cell:
         return runs(
             f"pre-quantized {quant.upper()} checkpoint, Marlin kernels (CC >= 7.5); detected from the "
             "checkpoint's quantization_config",
-            prequantized=True,
         )
     if quant is Quant.BITSANDBYTES:
         online = ("--quantization", "bitsandbytes")

@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from deploykit import baseimages, build, chat, health, matrix, plan, stack
+from deploykit.devices import GPU_SPEC_HELP
 from deploykit.docker import Docker
 
 _err = Console(stderr=True, highlight=False)
@@ -163,7 +164,7 @@ def register(app: typer.Typer) -> None:
         gpus: str | None = typer.Option(
             None,
             "--gpus",
-            help="GPUs: index (2 = GPU 2), 0,1, UUIDs, all, count=N. Default: GPU 0, or cpu.",
+            help=GPU_SPEC_HELP + " Default: GPU 0, or the cpu stack when there is no GPU.",
         ),
         gpu_class: str | None = typer.Option(None, "--gpu-class", help="Force a GPU class."),
         model: str | None = typer.Option(None, "--model", help="Model to serve."),

