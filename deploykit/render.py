@@ -14,7 +14,7 @@ from pathlib import Path, PurePosixPath
 
 import jinja2
 
-from deploykit import __version__
+from deploykit import __version__, names
 from deploykit.errors import UsageError
 from deploykit.matrix import (
     BF16_MIN_CC,
@@ -93,16 +93,7 @@ class StackOptions:
     client_id: str = "deploykit-bridge-1"
 
     def __post_init__(self) -> None:
-        if not self.projects:
-            raise UsageError(
-                "no project given", "pass at least one project, e.g. --projects general"
-            )
-        for p in self.projects:
-            if not p or any(ch in p for ch in "/+#$ ") or len(p) > 64:
-                raise UsageError(
-                    f"invalid project name {p!r}",
-                    "a project is one MQTT topic level: letters, digits, '-', '_' (no '/', '+', '#', '$', spaces)",
-                )
+        names.check_project_names(self.projects)
 
 
 @dataclass(frozen=True)

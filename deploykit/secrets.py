@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from deploykit import names
 from deploykit.errors import DeployKitError, UsageError
 
 BRIDGE_USERNAME = "deploykit-bridge"
@@ -92,8 +93,7 @@ def _read_or_create(path: Path, make: str) -> str:
 
 def ensure_secrets(folder: Path, projects: Sequence[str]) -> SecretsFolder:
     """Create what is missing in ``folder`` for these projects; returns the folder."""
-    if not projects:
-        raise UsageError("no project given", "pass at least one project, e.g. --projects general")
+    names.check_project_names(tuple(projects))
     try:
         folder.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
         os.chmod(folder, DIR_MODE)
@@ -101,17 +101,14 @@ def ensure_secrets(folder: Path, projects: Sequence[str]) -> SecretsFolder:
         bridge_password = _read_or_create(folder / "mqtt_bridge_password", _new_password())
         accounts = {username: bridge_password}
         for project in sorted(set(projects)):
-            if project == username:
-                raise UsageError(
-                    f"project name {project!r} is the bridge's account name", "pick another name"
-                )
             accounts[project] = _read_or_create(
                 folder / f"mqtt_client_{project}_password", _new_password()
             )
         # Accounts of projects from earlier runs stay valid, so their clients keep working.
         for path in sorted(folder.glob("mqtt_client_*_password")):
             name = path.name[len("mqtt_client_") : -len("_password")]
-            accounts.setdefault(name, path.read_text().strip())
+            if names.project_name_problem(name) is None:  # e.g. a file left by an older kit
+                accounts.setdefault(name, path.read_text().strip())
         users = "".join(f"{user}:{password}\n" for user, password in sorted(accounts.items()))
         users_file = folder / "mqtt_users"
         if not users_file.is_file() or users_file.read_text() != users:

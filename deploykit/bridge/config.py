@@ -41,10 +41,10 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from deploykit import names
 from deploykit.errors import UsageError
 
 ENV_PREFIX = "DEPLOYKIT_"
-PROJECT_NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 
 
 class ProjectConfig(BaseModel):
@@ -124,15 +124,12 @@ class Settings(BaseModel):
     @field_validator("projects")
     @classmethod
     def _projects_valid(cls, value: list[str]) -> list[str]:
-        import re
-
         if not value:
             raise ValueError("at least one project is needed")
         for name in value:
-            if not re.match(PROJECT_NAME_RE, name):
-                raise ValueError(
-                    f"bad project name {name!r}: use letters, digits, '_', '-', '.' (max 64)"
-                )
+            problem = names.project_name_problem(name)
+            if problem is not None:
+                raise ValueError(f"{problem}; {names.PROJECT_NAME_RULE}")
         if len(set(value)) != len(value):
             raise ValueError("project names repeat")
         return value
