@@ -27,10 +27,11 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from deploykit import names
 from deploykit.errors import CheckFailed, UsageError
 
 DEFAULT_PORT = 1883
-STATUS_TOPIC = "deploykit/bridge/{client_id}/status"
+STATUS_TOPIC = names.STATUS_TOPIC
 
 
 @dataclass(frozen=True)
@@ -75,12 +76,12 @@ def parse_broker_url(url: str) -> BrokerAddress:
     return BrokerAddress(parts.hostname, port)
 
 
-def _read_secret(path: str | Path, what: str) -> str:
+def read_secret(path: str | Path, what: str) -> str:
     try:
         return Path(path).read_text(encoding="utf-8").strip("\r\n")
     except OSError as err:
         raise UsageError(
-            f"cannot read the MQTT {what} file {str(path)!r}: {err.strerror}",
+            f"cannot read the {what} file {str(path)!r}: {err.strerror}",
             hint="check the path and its permissions",
         ) from err
 
@@ -96,10 +97,10 @@ def read_credentials(
                 hint="pass --mqtt-username-file too",
             )
         return None
-    username = _read_secret(username_file, "username")
+    username = read_secret(username_file, "MQTT username")
     if not username:
         raise UsageError(f"the MQTT username file {str(username_file)!r} is empty")
-    password = _read_secret(password_file, "password") if password_file else None
+    password = read_secret(password_file, "MQTT password") if password_file else None
     return Credentials(username, password)
 
 

@@ -1,17 +1,20 @@
-"""Bridge settings (where things are: broker, engine, projects, credentials files) and the YAML
-config (how each project behaves). The only module of the bridge that reads environment variables.
+"""Bridge settings (where things are: broker, engine, projects, secret files) and the YAML config
+(how each project behaves). The only module of the bridge that reads environment variables.
 
-YAML config (every key optional)::
+YAML config (every key optional; the values shown are the defaults)::
 
     defaults:                      # applies to every project unless the project overrides it
-      system_prompt: "You are a helpful assistant."
+      system_prompt: null
       default_max_tokens: 256
       max_max_tokens: 1024
       default_temperature: 0.7
       default_top_p: 1.0
       allow_system_prompt_override: true
-      rate_limit_per_minute: 600   # per project; null = unlimited
-      rate_limit_burst: 60
+      rate_limit_per_minute: 1200  # per project, sustained; null = unlimited
+      rate_limit_burst: 200        # requests a project may send at once beyond the rate
+      max_queued: 256              # requests waiting for an engine slot; beyond: rate_limited
+      max_engine_slots: null       # cap on the engine slots this project may hold; null = all
+      receive_maximum: 512         # unacknowledged requests the broker hands the bridge at once
       max_history_tokens: 2048
       engine_extra: {}             # extra fields for the engine's chat request (e.g. ignore_eos)
     projects:
@@ -19,7 +22,8 @@ YAML config (every key optional)::
         system_prompt: "You guide a player through a maze."
         max_history_tokens: 512
     bridge:
-      max_in_flight: 128           # requests held at once (MQTT 5 Receive Maximum)
+      max_in_flight: 256           # engine slots: requests at the engine at once, all projects
+      queue_timeout_s: 60          # waited this long for a slot: answered overloaded
       session_idle_s: 1800
       max_sessions: 10000
       max_payload_bytes: 65536
@@ -27,8 +31,11 @@ YAML config (every key optional)::
       dedupe_ttl_s: 600
       dedupe_max_entries: 10000
       mqtt_session_expiry_s: 86400
+      mqtt_keepalive_s: 30
       request_timeout_s: 300
       stream_interval_s: 0.05
+      engine_keepalive_s: 4        # below the engine's own keep-alive (uvicorn: 5 s)
+      engine_retries: 3            # attempts after a connection failure before any token
 """
 
 from __future__ import annotations
@@ -58,8 +65,11 @@ class ProjectConfig(BaseModel):
     default_temperature: float = Field(0.7, ge=0.0, le=2.0)
     default_top_p: float = Field(1.0, gt=0.0, le=1.0)
     allow_system_prompt_override: bool = True
-    rate_limit_per_minute: float | None = Field(None, gt=0)
-    rate_limit_burst: int | None = Field(None, ge=1)
+    rate_limit_per_minute: float | None = Field(1200.0, gt=0)
+    rate_limit_burst: int | None = Field(200, ge=1)
+    max_queued: int = Field(256, ge=0)
+    max_engine_slots: int | None = Field(None, ge=1)
+    receive_maximum: int = Field(512, ge=1, le=65535)
     max_history_tokens: int = Field(2048, ge=0)
     engine_extra: dict[str, Any] = Field(default_factory=dict)
 
@@ -73,7 +83,8 @@ class ProjectConfig(BaseModel):
 class BridgeTuning(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    max_in_flight: int = Field(128, ge=1, le=65535)
+    max_in_flight: int = Field(256, ge=1, le=65535)
+    queue_timeout_s: float = Field(60.0, gt=0)
     session_idle_s: float = Field(1800.0, gt=0)
     max_sessions: int = Field(10000, ge=1)
     max_payload_bytes: int = Field(65536, ge=256)
@@ -81,9 +92,11 @@ class BridgeTuning(BaseModel):
     dedupe_ttl_s: float = Field(600.0, gt=0)
     dedupe_max_entries: int = Field(10000, ge=1)
     mqtt_session_expiry_s: int = Field(86400, ge=1)
+    mqtt_keepalive_s: int = Field(30, ge=2, le=65535)
     request_timeout_s: float = Field(300.0, gt=0)
     stream_interval_s: float = Field(0.05, ge=0)
-    share_group: str = Field("deploykit", pattern=r"^[A-Za-z0-9_-]+$")
+    engine_keepalive_s: float = Field(4.0, gt=0)
+    engine_retries: int = Field(3, ge=0, le=10)
 
 
 class BridgeConfig(BaseModel):
@@ -106,7 +119,15 @@ class BridgeConfig(BaseModel):
 
 
 class Settings(BaseModel):
-    """Where to connect and what to serve (from CLI flags or DEPLOYKIT_* environment variables)."""
+    """Where to connect and what to serve (from CLI flags or DEPLOYKIT_* environment variables).
+
+    ``client_id`` is the bridge's secret: each project's MQTT session is ``<client_id>-<project>``,
+    so nobody who does not know it can take a session over (stock Mosquitto cannot bind a client id
+    to an account). ``name`` is public: the retained status topic names the bridge by it.
+    ``share_group`` (also secret) makes the subscriptions shared (``$share/<group>/...``) for
+    several replicas; without it each project is a plain subscription, which the broker keeps
+    across its own restarts (Mosquitto 2.0 restores shared ones only when the member reconnects).
+    """
 
     model_config = ConfigDict(extra="forbid")
 
@@ -115,10 +136,14 @@ class Settings(BaseModel):
     projects: list[str] = Field(default_factory=lambda: ["general"])
     config_file: Path | None = None
     client_id: str = "deploykit-bridge-1"
+    client_id_file: Path | None = None
+    name: str = "bridge-1"
+    share_group_file: Path | None = None
     http_port: int | None = Field(None, ge=0, le=65535)
     http_host: str = "0.0.0.0"
     mqtt_username_file: Path | None = None
     mqtt_password_file: Path | None = None
+    engine_api_key_file: Path | None = None
     log_level: str = "INFO"
 
     @field_validator("projects")
@@ -134,11 +159,12 @@ class Settings(BaseModel):
             raise ValueError("project names repeat")
         return value
 
-    @field_validator("client_id")
+    @field_validator("client_id", "name")
     @classmethod
-    def _client_id_valid(cls, value: str) -> str:
-        if not value or any(c in value for c in "/+#$") or len(value) > 128:
-            raise ValueError("client id must be 1-128 characters without '/', '+', '#', '$'")
+    def _id_valid(cls, value: str) -> str:
+        problem = names.client_string_problem(value, "the id", max_length=128)
+        if not value or problem or any(c in value for c in "/+#$"):
+            raise ValueError("must be 1-128 characters without '/', '+', '#', '$' or controls")
         return value
 
 
@@ -152,6 +178,10 @@ _ENV_FIELDS = {
     "PROJECTS": "projects",
     "BRIDGE_CONFIG": "config_file",
     "CLIENT_ID": "client_id",
+    "CLIENT_ID_FILE": "client_id_file",
+    "BRIDGE_NAME": "name",
+    "SHARE_GROUP_FILE": "share_group_file",
+    "ENGINE_API_KEY_FILE": "engine_api_key_file",
     "HTTP_PORT": "http_port",
     "MQTT_USERNAME_FILE": "mqtt_username_file",
     "MQTT_PASSWORD_FILE": "mqtt_password_file",

@@ -1,32 +1,52 @@
-"""Async client for the engine's OpenAI-compatible HTTP API (vLLM's OpenAI server).
+"""Async client for the engine's OpenAI-compatible HTTP API (vLLM's OpenAI server), on aiohttp.
 
 Endpoints used (vLLM ``vllm/entrypoints/openai/api_server.py``): ``GET /v1/models`` (served model
 name and ``max_model_len``), ``POST /tokenize`` (token counts with the served model's tokenizer,
 ``vllm/entrypoints/serve/tokenize``), ``POST /v1/chat/completions`` (plain or streamed), ``GET
 /health``. Reasoning text comes back in ``reasoning``/``reasoning_content`` when vLLM runs a
 reasoning parser; only ``content`` is ever used as the answer.
+
+Why aiohttp and orjson: this is the bridge's hot path. httpx's pool walked every pooled connection
+on each request event (``_assign_requests_to_connections``), which made the bridge's CPU per request
+grow with concurrency; aiohttp's connector does not. orjson parses each streamed chunk several
+times faster than the standard library (benchmarks/RESULTS.md has both measurements).
+
+Connections and retries:
+- Idle connections are closed after ``keepalive_s``, below the engine's own keep-alive (vLLM serves
+  through uvicorn with ``--timeout-keep-alive`` 5 s by default, ``VLLM_HTTP_TIMEOUT_KEEP_ALIVE``), so
+  the bridge never reuses a connection the engine is about to close.
+- A call that fails before the engine produced anything (connection refused or reset, the server
+  closing a kept-alive connection) is retried ``retries`` times with exponential backoff; a stream
+  that already gave text is never retried (its text has been published).
 """
 
 from __future__ import annotations
 
-import json
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
+import aiohttp
+import orjson
+
+_JSON = {"Content-Type": "application/json"}
 
 
 class EngineError(Exception):
-    """The engine answered with an error (``status`` set) or could not be reached (``status`` None)."""
+    """The engine answered with an error (``status`` set) or could not be reached (``status`` None).
+    ``overloaded``: the engine is up but dropped the call (resets under load)."""
 
-    def __init__(self, message: str, status: int | None = None) -> None:
+    def __init__(
+        self, message: str, status: int | None = None, *, overloaded: bool = False
+    ) -> None:
         super().__init__(message)
         self.status = status
+        self.overloaded = overloaded
 
     @property
     def unavailable(self) -> bool:
-        return self.status is None or self.status >= 500
+        return not self.overloaded and (self.status is None or self.status >= 500)
 
 
 @dataclass(frozen=True)
@@ -55,49 +75,115 @@ class TemplateOverhead:
     per_message: int
 
 
+#: Failures of the connection itself, before any answer: safe to retry. A read timeout is not one
+#: of them (the engine is busy with the call; see ``_backoff``).
+_RETRYABLE = (
+    aiohttp.ClientConnectionError,  # refused, reset, server disconnected, connect timeout
+    aiohttp.ClientPayloadError,
+)
+
+
 class EngineClient:
     def __init__(
-        self, base_url: str, *, max_connections: int = 256, timeout_s: float = 300.0
+        self,
+        base_url: str,
+        *,
+        api_key: str | None = None,
+        max_connections: int = 256,
+        timeout_s: float = 300.0,
+        keepalive_s: float = 4.0,
+        retries: int = 3,
+        retry_backoff_s: float = 0.1,
     ) -> None:
         self.base_url = base_url.rstrip("/")
-        self._http = httpx.AsyncClient(
-            base_url=self.base_url,
-            timeout=httpx.Timeout(timeout_s, connect=10.0),
-            limits=httpx.Limits(
-                max_connections=max_connections, max_keepalive_connections=max_connections
-            ),
-        )
         self.model: ModelInfo | None = None
+        self.retries = retries
+        self.retry_backoff_s = retry_backoff_s
+        self.retried = 0  # calls retried after a connection failure (a metric)
+        self._max_connections = max_connections
+        self._timeout_s = timeout_s
+        self._keepalive_s = keepalive_s
+        self._headers = dict(_JSON)
+        if api_key:
+            self._headers["Authorization"] = f"Bearer {api_key}"
+        self._http: aiohttp.ClientSession | None = None
+
+    @property
+    def http(self) -> aiohttp.ClientSession:
+        """The session, made on first use (aiohttp needs a running loop)."""
+        if self._http is None:
+            self._http = aiohttp.ClientSession(
+                base_url=self.base_url,
+                connector=aiohttp.TCPConnector(
+                    limit=self._max_connections,
+                    keepalive_timeout=self._keepalive_s,
+                    ttl_dns_cache=60,
+                ),
+                timeout=aiohttp.ClientTimeout(
+                    total=None, sock_connect=10.0, sock_read=self._timeout_s
+                ),
+                headers=self._headers,
+                auto_decompress=False,
+                raise_for_status=False,
+            )
+        return self._http
 
     async def aclose(self) -> None:
-        await self._http.aclose()
+        if self._http is not None:
+            await self._http.close()
+            self._http = None
 
-    async def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        try:
-            response = await self._http.post(path, json=body)
-        except httpx.HTTPError as err:
-            raise EngineError(f"engine unreachable: {type(err).__name__}: {err}") from err
-        if response.status_code != 200:
-            raise EngineError(_error_text(response), response.status_code)
-        data: dict[str, Any] = response.json()
-        return data
+    # ------------------------------------------------------------------ plumbing
+    async def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        """One JSON call with retries on connection failures; returns the parsed answer."""
+        data = orjson.dumps(body) if body is not None else None
+        attempt = 0
+        while True:
+            try:
+                async with self.http.request(method, path, data=data) as response:
+                    raw = await response.read()
+                    if response.status != 200:
+                        raise EngineError(_error_text(response.status, raw), response.status)
+                    try:
+                        return orjson.loads(raw)
+                    except orjson.JSONDecodeError as err:
+                        raise EngineError(
+                            f"the engine's answer is not JSON: {raw[:200]!r}", 502
+                        ) from err
+            except _RETRYABLE as err:
+                attempt = await self._backoff(attempt, err)
 
+    async def _backoff(self, attempt: int, err: BaseException) -> int:
+        """Sleep before the next attempt, or raise the final EngineError."""
+        if isinstance(err, aiohttp.SocketTimeoutError):
+            raise EngineError(
+                f"no answer from the engine within {self._timeout_s:g} s", 504
+            ) from err
+        if attempt >= self.retries:
+            overloaded = await self.health()
+            what = "dropped the connection" if overloaded else "is unreachable"
+            raise EngineError(
+                f"the engine {what} ({type(err).__name__}: {err}) after {attempt + 1} attempts",
+                None,
+                overloaded=overloaded,
+            ) from err
+        self.retried += 1
+        await asyncio.sleep(self.retry_backoff_s * (4**attempt))
+        return attempt + 1
+
+    # ------------------------------------------------------------------ endpoints
     async def health(self) -> bool:
         try:
-            response = await self._http.get("/health", timeout=5.0)
-        except httpx.HTTPError:
+            async with self.http.get("/health", timeout=aiohttp.ClientTimeout(total=5.0)) as r:
+                await r.read()
+                return r.status == 200
+        except (TimeoutError, aiohttp.ClientError):
             return False
-        return response.status_code == 200
 
     async def discover(self) -> ModelInfo:
         """The served model (first entry of /v1/models) and its context length."""
-        try:
-            response = await self._http.get("/v1/models", timeout=10.0)
-        except httpx.HTTPError as err:
-            raise EngineError(f"engine unreachable: {type(err).__name__}: {err}") from err
-        if response.status_code != 200:
-            raise EngineError(_error_text(response), response.status_code)
-        models = response.json().get("data") or []
+        data = await self._call("GET", "/v1/models")
+        models = data.get("data") if isinstance(data, dict) else None
         if not models:
             raise EngineError("the engine serves no model", 503)
         first = models[0]
@@ -111,13 +197,16 @@ class EngineClient:
         return self.model.name
 
     async def count_tokens(self, text: str) -> int:
-        data = await self._post(
-            "/tokenize", {"model": self.model_name, "prompt": text, "add_special_tokens": False}
+        data = await self._call(
+            "POST",
+            "/tokenize",
+            {"model": self.model_name, "prompt": text, "add_special_tokens": False},
         )
         return int(data["count"])
 
     async def count_chat_tokens(self, messages: list[dict[str, str]]) -> int:
-        data = await self._post(
+        data = await self._call(
+            "POST",
             "/tokenize",
             {"model": self.model_name, "messages": messages, "add_generation_prompt": True},
         )
@@ -143,7 +232,7 @@ class EngineClient:
         return {"model": self.model_name, "messages": messages, **params}
 
     async def chat(self, messages: list[dict[str, str]], params: dict[str, Any]) -> Completion:
-        data = await self._post("/v1/chat/completions", self._body(messages, params))
+        data = await self._call("POST", "/v1/chat/completions", self._body(messages, params))
         try:
             choice = data["choices"][0]
             message = choice["message"]
@@ -163,42 +252,64 @@ class EngineClient:
     async def chat_stream(
         self, messages: list[dict[str, str]], params: dict[str, Any]
     ) -> AsyncIterator[str | Completion]:
-        """Yield text deltas, then one final ``Completion`` with the whole text and usage."""
+        """Yield text deltas, then one final ``Completion`` with the whole text and usage.
+
+        Server-sent events arrive as ``data: {json}`` blocks separated by a blank line; the
+        connection's bytes are split into events directly (one copy per chunk, one parse per event).
+        """
         body = self._body(messages, params)
         body["stream"] = True
         body["stream_options"] = {"include_usage": True}
+        data = orjson.dumps(body)
         parts: list[str] = []
         usage: dict[str, Any] = {}
         finish: str | None = None
         reasoned = False
-        try:
-            async with self._http.stream("POST", "/v1/chat/completions", json=body) as response:
-                if response.status_code != 200:
-                    await response.aread()
-                    raise EngineError(_error_text(response), response.status_code)
-                async for line in response.aiter_lines():
-                    if not line.startswith("data:"):
-                        continue
-                    data = line[5:].strip()
-                    if data == "[DONE]":
-                        break
-                    chunk = json.loads(data)
-                    if chunk.get("error"):
-                        raise EngineError(str(chunk["error"].get("message", chunk["error"])), 500)
-                    if chunk.get("usage"):
-                        usage = chunk["usage"]
-                    for choice in chunk.get("choices") or []:
-                        fields = choice.get("delta") or {}
-                        if fields.get("reasoning") or fields.get("reasoning_content"):
-                            reasoned = True  # reasoning deltas are never streamed to clients
-                        delta = fields.get("content")
-                        if delta:
-                            parts.append(delta)
-                            yield delta
-                        if choice.get("finish_reason"):
-                            finish = choice["finish_reason"]
-        except httpx.HTTPError as err:
-            raise EngineError(f"engine unreachable: {type(err).__name__}: {err}") from err
+        attempt = 0
+        while True:
+            try:
+                async with self.http.post("/v1/chat/completions", data=data) as response:
+                    if response.status != 200:
+                        raise EngineError(
+                            _error_text(response.status, await response.read()), response.status
+                        )
+                    buffer = b""
+                    done = False
+                    async for chunk in response.content.iter_any():
+                        buffer += chunk
+                        *events, buffer = buffer.split(b"\n\n")
+                        for event in events:
+                            if not event.startswith(b"data:"):
+                                continue
+                            payload = event[5:].strip()
+                            if payload == b"[DONE]":
+                                done = True
+                                break
+                            item = orjson.loads(payload)
+                            if item.get("error"):
+                                err = item["error"]
+                                raise EngineError(str(err.get("message", err)), 500)
+                            if item.get("usage"):
+                                usage = item["usage"]
+                            for choice in item.get("choices") or ():
+                                fields = choice.get("delta") or {}
+                                if fields.get("reasoning") or fields.get("reasoning_content"):
+                                    reasoned = True  # reasoning deltas are never streamed
+                                delta = fields.get("content")
+                                if delta:
+                                    parts.append(delta)
+                                    yield delta
+                                if choice.get("finish_reason"):
+                                    finish = choice["finish_reason"]
+                        if done:
+                            break
+                break
+            except _RETRYABLE as err:
+                if parts:  # text already went out: the stream cannot start again
+                    raise EngineError(
+                        f"the engine's stream broke off ({type(err).__name__}: {err})", None
+                    ) from err
+                attempt = await self._backoff(attempt, err)
         yield Completion(
             text="".join(parts),
             prompt_tokens=int(usage.get("prompt_tokens") or 0),
@@ -208,14 +319,14 @@ class EngineClient:
         )
 
 
-def _error_text(response: httpx.Response) -> str:
+def _error_text(status: int, raw: bytes) -> str:
     try:
-        data = response.json()
+        data = orjson.loads(raw)
         err = data.get("error") if isinstance(data, dict) else None
         if isinstance(err, dict) and err.get("message"):
-            return f"engine returned {response.status_code}: {err['message']}"
+            return f"engine returned {status}: {err['message']}"
         if isinstance(data, dict) and data.get("message"):
-            return f"engine returned {response.status_code}: {data['message']}"
-    except ValueError:
+            return f"engine returned {status}: {data['message']}"
+    except orjson.JSONDecodeError:
         pass
-    return f"engine returned {response.status_code}: {response.text[:200]}"
+    return f"engine returned {status}: {raw[:200].decode('utf-8', 'replace')}"

@@ -1,4 +1,9 @@
-"""Rate limits per project (token bucket) and the de-duplication cache by requestId."""
+"""Rate limits per project (token bucket) and the de-duplication cache by requestId.
+
+De-duplication keys on (project, sessionId, requestId): a requestId is the client's name for one
+request of one session, so another session that happens to reuse it gets its own answer, never the
+first session's. The entry also holds a fingerprint of what was asked; the same key with another
+fingerprint is a ``conflict`` (a client bug), not a repeat."""
 
 from __future__ import annotations
 
@@ -47,6 +52,7 @@ class StoredReply:
 @dataclass
 class _Entry:
     created: float
+    fingerprint: bytes = b""
     reply: StoredReply | None = None
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -82,14 +88,19 @@ class DedupeCache:
                 del self._entries[key]
                 over -= 1
 
-    def begin(self, key: Any) -> _Entry | None:
-        """Register a new request. Returns the existing entry when the key is known (a repeat)."""
+    def begin(self, key: Any, fingerprint: bytes = b"") -> _Entry | None:
+        """Register a new request. Returns the existing entry when the key is known (a repeat, or
+        a conflict when its ``fingerprint`` differs: see ``conflicts``)."""
         self._prune()
         entry = self._entries.get(key)
         if entry is not None and self._clock() - entry.created <= self.ttl_s:
             return entry
-        self._entries[key] = _Entry(self._clock())
+        self._entries[key] = _Entry(self._clock(), fingerprint)
         return None
+
+    @staticmethod
+    def conflicts(entry: _Entry, fingerprint: bytes) -> bool:
+        return entry.fingerprint != fingerprint
 
     def finish(self, key: Any, reply: StoredReply | None) -> None:
         """Store the reply (None: forget the key, e.g. the request could not be answered)."""

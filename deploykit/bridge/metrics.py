@@ -35,7 +35,12 @@ class Metrics:
             if seconds <= bound:
                 self.latency_counts[i] += 1
 
-    def render(self, gauges: dict[str, float]) -> str:
+    def render(
+        self,
+        gauges: dict[str, float],
+        counters: dict[str, float] | None = None,
+        per_project: dict[str, dict[str, int]] | None = None,
+    ) -> str:
         lines = [
             "# HELP deploykit_bridge_requests_total Requests answered, by project and status.",
             "# TYPE deploykit_bridge_requests_total counter",
@@ -76,6 +81,17 @@ class Metrics:
         ]
         for name, value in sorted(gauges.items()):
             lines += [f"# TYPE deploykit_bridge_{name} gauge", f"deploykit_bridge_{name} {value:g}"]
+        for name, value in sorted((counters or {}).items()):
+            lines += [
+                f"# TYPE deploykit_bridge_{name} counter",
+                f"deploykit_bridge_{name} {value:g}",
+            ]
+        for name, values in sorted((per_project or {}).items()):
+            lines.append(f"# TYPE deploykit_bridge_project_{name} gauge")
+            for project, value in sorted(values.items()):
+                lines.append(
+                    f'deploykit_bridge_project_{name}{{project="{_esc(project)}"}} {value:g}'
+                )
         return "\n".join(lines) + "\n"
 
 

@@ -26,9 +26,11 @@ from pydantic import (
     field_validator,
 )
 
-MAX_TOPIC_LENGTH = 256
+from deploykit import names
+
+MAX_TOPIC_LENGTH = names.MAX_TOPIC_LENGTH
 MAX_ID_LENGTH = 128
-STREAM_SUFFIX = "/stream"
+STREAM_SUFFIX = names.STREAM_SUFFIX
 
 
 class ErrorCode(StrEnum):
@@ -41,13 +43,28 @@ class ErrorCode(StrEnum):
     INVALID_SESSION_ID = "invalid_session_id"
     INVALID_REPLY_TOPIC = "invalid_reply_topic"
     OVERRIDE_NOT_ALLOWED = "override_not_allowed"
+    CONFLICT = "conflict"  # a requestId reused for a different request
     RATE_LIMITED = "rate_limited"
+    OVERLOADED = "overloaded"  # the engine cannot take the request now
     MESSAGE_TOO_LONG = "message_too_long"
     NO_ANSWER = "no_answer"  # the model reasoned but gave no answer (maxTokens ran out)
     ENGINE_UNAVAILABLE = "engine_unavailable"
     ENGINE_ERROR = "engine_error"
     TIMEOUT = "timeout"
     INTERNAL_ERROR = "internal_error"
+
+
+#: Errors a client should retry later with the same requestId (with backoff); the others need a
+#: different request.
+RETRYABLE = frozenset(
+    {
+        ErrorCode.RATE_LIMITED,
+        ErrorCode.OVERLOADED,
+        ErrorCode.ENGINE_UNAVAILABLE,
+        ErrorCode.TIMEOUT,
+        ErrorCode.INTERNAL_ERROR,
+    }
+)
 
 
 class RequestFailed(Exception):
@@ -114,45 +131,48 @@ class Accepted:
 
 
 def session_id_problem(session_id: str) -> str | None:
-    """Why a sessionId is not usable (None when it is)."""
+    """Why a sessionId is not usable (None when it is). It is one level of the default reply
+    topic, so no ``/ + #`` either."""
     if not session_id:
         return "sessionId is empty"
-    if len(session_id) > MAX_ID_LENGTH:
-        return f"sessionId is longer than {MAX_ID_LENGTH} characters"
+    problem = names.client_string_problem(session_id, "sessionId", max_length=MAX_ID_LENGTH)
+    if problem is not None:
+        return problem
     for ch in "/+#":
         if ch in session_id:
             return f"sessionId must not contain {ch!r}"
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in session_id):
-        return "sessionId must not contain control characters"
     return None
 
 
 def reply_topic_problem(project: str, topic: str) -> str | None:
     """Why a reply topic is refused (None when it is fine): it must be ``{project}/...`` of the
-    request's own project, without wildcards, ``$``, empty levels or control characters, and short
-    enough that its ``/stream`` sub-topic is too."""
+    request's own project, without wildcards, ``$``, empty levels or characters MQTT forbids, and
+    short enough that its ``/stream`` sub-topic is too."""
     if not topic:
         return "the reply topic is empty"
-    if len(topic) > MAX_TOPIC_LENGTH - len(STREAM_SUFFIX):
-        return f"the reply topic is longer than {MAX_TOPIC_LENGTH - len(STREAM_SUFFIX)} characters"
+    limit = MAX_TOPIC_LENGTH - len(STREAM_SUFFIX)
+    problem = names.client_string_problem(topic, "the reply topic", max_length=limit)
+    if problem is not None:
+        return problem
     if "+" in topic or "#" in topic:
         return "the reply topic must not contain wildcards ('+', '#')"
     if "$" in topic:
         return "the reply topic must not contain '$'"
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in topic):
-        return "the reply topic must not contain control characters"
     levels = topic.split("/")
     if levels[0] != project or len(levels) < 2:
         return f"the reply topic must be inside the project: {project}/..."
     if any(level == "" for level in levels):
         return "the reply topic must not have empty levels"
-    if topic == f"{project}/user_input":
+    if topic == names.request_topic(project):
         return "the reply topic must not be the request topic"
     return None
 
 
-def default_reply_topic(project: str, session_id: str) -> str:
-    return f"{project}/assistant_response/{session_id}"
+def request_id_problem(request_id: str) -> str | None:
+    return names.client_string_problem(request_id, "requestId", max_length=MAX_ID_LENGTH)
+
+
+default_reply_topic = names.default_reply_topic
 
 
 def _routing_hints(
@@ -164,8 +184,8 @@ def _routing_hints(
     fmt: Literal["text", "json"] = "json" if fields.get("format") == "json" else "text"
     rid = fields.get("requestId")
     request_id = str(rid) if isinstance(rid, str | int) and not isinstance(rid, bool) else None
-    if request_id is not None and len(request_id) > MAX_ID_LENGTH:
-        request_id = None
+    if request_id is not None and request_id_problem(request_id) is not None:
+        request_id = None  # never echoed, never in a property or a log line
     sid = fields.get("sessionId")
     session_id = sid if isinstance(sid, str) and session_id_problem(sid) is None else None
     default = default_reply_topic(project, session_id) if session_id is not None else None
@@ -222,7 +242,8 @@ def parse_request(
         return reject(ErrorCode.NOT_AN_OBJECT, "the request must be a JSON object")
     if topic_problem is not None:
         return reject(
-            ErrorCode.INVALID_REPLY_TOPIC, f"refused reply topic {refused_topic!r}: {topic_problem}"
+            ErrorCode.INVALID_REPLY_TOPIC,
+            f"refused reply topic {names.printable(refused_topic)}: {topic_problem}",
         )
     sid = obj.get("sessionId")
     if isinstance(sid, str):
@@ -233,19 +254,40 @@ def parse_request(
         request = ChatRequest.model_validate(obj)
     except ValidationError as err:
         return reject(*_describe_validation(err))
-    if len(request.message) > max_message_chars:
-        return reject(
-            ErrorCode.MESSAGE_TOO_LONG,
-            f"message is {len(request.message)} characters; the limit is {max_message_chars}",
-        )
-    if request.systemPrompt is not None and len(request.systemPrompt) > max_message_chars:
-        return reject(
-            ErrorCode.MESSAGE_TOO_LONG,
-            f"systemPrompt is longer than {max_message_chars} characters",
-        )
+    field_problem = _field_problems(request, max_message_chars)
+    if field_problem is not None:
+        return reject(*field_problem)
     if not request.message.strip() and not request.probe:
         return reject(ErrorCode.INVALID_REQUEST, "message is empty")
     return Accepted(request, routing)
+
+
+def _field_problems(request: ChatRequest, max_message_chars: int) -> tuple[ErrorCode, str] | None:
+    """The client-string rule on every field that reaches a topic, a property, a log or the engine."""
+    if request.requestId is not None:
+        problem = request_id_problem(str(request.requestId))
+        if problem is not None:
+            return ErrorCode.INVALID_REQUEST, problem
+    if request.clientId is not None:
+        problem = names.client_string_problem(
+            request.clientId, "clientId", max_length=MAX_ID_LENGTH
+        )
+        if problem is not None:
+            return ErrorCode.INVALID_REQUEST, problem
+    for field_name, value in (("message", request.message), ("systemPrompt", request.systemPrompt)):
+        if value is None:
+            continue
+        if len(value) > max_message_chars:
+            return (
+                ErrorCode.MESSAGE_TOO_LONG,
+                f"{field_name} is {len(value)} characters; the limit is {max_message_chars}",
+            )
+        problem = names.client_string_problem(
+            value, field_name, max_length=max_message_chars, text=True
+        )
+        if problem is not None:
+            return ErrorCode.INVALID_REQUEST, problem
+    return None
 
 
 def _describe_validation(err: ValidationError) -> tuple[ErrorCode, str]:
@@ -276,18 +318,26 @@ def envelope(
     usage: dict[str, int] | None = None,
     model: str | None = None,
 ) -> bytes:
-    """The JSON reply envelope."""
+    """The JSON reply envelope. Never raises: the routing fields passed the client-string rule, and
+    anything else that cannot be UTF-8 is escaped."""
     body: dict[str, Any] = {
         "requestId": routing.request_id,
         "sessionId": routing.session_id,
         "status": "error" if error else "ok",
         "text": None if error else (text or ""),
-        "error": {"code": error[0], "message": error[1]} if error else None,
+        "error": (
+            {"code": error[0], "message": error[1], "retryable": error[0] in RETRYABLE}
+            if error
+            else None
+        ),
         "usage": usage,
     }
     if model is not None:
         body["model"] = model
-    return json.dumps(body, ensure_ascii=False).encode("utf-8")
+    try:
+        return json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(body).encode("ascii")  # \u escapes: always encodable
 
 
 def ok_payload(

@@ -8,8 +8,9 @@ import signal
 import sys
 
 from deploykit.bridge.config import Settings, load_config
-from deploykit.bridge.service import Bridge
-from deploykit.mqttclient import read_credentials
+from deploykit.bridge.service import Bridge, Secrets
+from deploykit.errors import UsageError
+from deploykit.mqttclient import read_credentials, read_secret
 
 
 def setup_logging(level: str) -> None:
@@ -19,9 +20,8 @@ def setup_logging(level: str) -> None:
         stream=sys.stderr,
         force=True,
     )
-    # paho and httpx are chatty at debug; user text appears only in our own debug lines
-    logging.getLogger("httpx").setLevel(logging.WARNING)
-    logging.getLogger("httpcore").setLevel(logging.WARNING)
+    # aiohttp is chatty at debug; user text appears only in our own debug lines
+    logging.getLogger("aiohttp").setLevel(logging.WARNING)
 
 
 async def _main(bridge: Bridge) -> None:
@@ -32,16 +32,35 @@ async def _main(bridge: Bridge) -> None:
     await bridge.run(stop)
 
 
+def read_secrets(settings: Settings) -> Secrets:
+    """The bridge's secrets from their files (compose secrets); a missing file is a clear error."""
+    client_id = settings.client_id
+    if settings.client_id_file is not None:
+        client_id = read_secret(settings.client_id_file, "bridge client id")
+        if not client_id or any(c in client_id for c in "/+#$ ") or len(client_id) > 128:
+            raise UsageError(
+                f"the client id in {settings.client_id_file} is empty or has '/', '+', '#', '$'",
+                "let `deploykit up` generate it (delete the file to make a new one)",
+            )
+    share_group = None
+    if settings.share_group_file is not None:
+        share_group = read_secret(settings.share_group_file, "share group") or None
+    api_key = None
+    if settings.engine_api_key_file is not None:
+        api_key = read_secret(settings.engine_api_key_file, "engine API key") or None
+    return Secrets(client_id, share_group, api_key)
+
+
 def run_bridge(settings: Settings) -> None:
     """Run the bridge in the foreground until SIGINT/SIGTERM. Raises DeployKitError on bad
     settings, config or credentials files."""
     setup_logging(settings.log_level)
     config = load_config(settings.config_file)
     credentials = read_credentials(settings.mqtt_username_file, settings.mqtt_password_file)
-    bridge = Bridge(settings, config, credentials)
+    bridge = Bridge(settings, config, credentials, read_secrets(settings))
     logging.getLogger("deploykit.bridge").info(
         "bridge %s: projects %s, broker %s, engine %s, user %s",
-        settings.client_id,
+        settings.name,
         ",".join(settings.projects),
         settings.broker,
         settings.engine,

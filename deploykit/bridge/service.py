@@ -1,25 +1,30 @@
-"""The bridge service: request handling on one asyncio loop: validation, rate limits,
-de-duplication, per-session scheduling, generation through the engine, replies, acknowledgements,
-health and metrics. The MQTT side (paho, persistent session, PUBACK futures) is ``transport``.
+"""The bridge service: request handling on one asyncio loop: validation, rate limits, queue bounds,
+de-duplication, fair scheduling (deploykit.bridge.scheduler), generation through the engine,
+replies, acknowledgements, health and metrics. The MQTT sessions are ``transport``'s.
 
-Delivery (DESIGN.md): requests arrive at QoS 1 with manual acknowledgement; a request is acknowledged
-only after its reply's own PUBACK, so a crash before that makes the broker redeliver it (persistent
-session). In-flight work is bounded twice: by the MQTT 5 Receive Maximum (the broker holds requests
-back) and by ``max_in_flight`` engine slots in the bridge (Mosquitto 2.0.11 overshoots the former).
+Delivery (docs in README.md): requests arrive at QoS 1 with manual acknowledgement; a request is
+acknowledged only after its reply's own PUBACK, so a crash before that makes the broker redeliver it
+(persistent session). Every message is acknowledged in the end, whatever happens to it: answered,
+answered with an error, or (when no reply topic can be used) counted in
+``deploykit_bridge_dropped_total`` and logged. Nothing a client sends can make the bridge retry a
+message forever or hold a slot: a message that cannot be handled is still acknowledged.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 import paho.mqtt.client as mqtt
 
+from deploykit import names
 from deploykit.bridge.config import BridgeConfig, ProjectConfig, Settings
 from deploykit.bridge.engine import Completion, EngineClient, EngineError
 from deploykit.bridge.limits import DedupeCache, StoredReply, TokenBucket
@@ -39,26 +44,53 @@ from deploykit.bridge.protocol import (
     parse_request,
     stream_payload,
 )
-from deploykit.bridge.sessions import SessionKey, SessionStore, Turn
-from deploykit.bridge.transport import MqttTransport
-from deploykit.mqttclient import (
-    STATUS_TOPIC,
-    Credentials,
-    parse_broker_url,
-)
+from deploykit.bridge.scheduler import FairScheduler, SessionKey
+from deploykit.bridge.sessions import SessionStore, Turn
+from deploykit.bridge.transport import ProjectSession, StatusSession
+from deploykit.mqttclient import Credentials, parse_broker_url
+from deploykit.mqttloop import MqttPublishError, publish_properties
 
 log = logging.getLogger("deploykit.bridge")
+
+DedupeKey = tuple[str, str, str]  # (project, sessionId, requestId)
 
 
 @dataclass
 class Inbound:
     """A received MQTT message still to be acknowledged."""
 
-    project: str
+    session: ProjectSession
     mid: int
     qos: int
     received: float
     correlation: bytes | None
+
+    @property
+    def project(self) -> str:
+        return self.session.project
+
+
+@dataclass(frozen=True)
+class Secrets:
+    """What ``deploykit up`` generates for the bridge (read from files by the runner)."""
+
+    client_id: str
+    share_group: str | None = None
+    engine_api_key: str | None = None
+
+
+def fingerprint(request: ChatRequest) -> bytes:
+    """What a repeat of a requestId must ask again to be the same request."""
+    fields = [
+        request.message,
+        request.systemPrompt,
+        request.maxTokens,
+        request.temperature,
+        request.topP,
+        request.format,
+        request.probe,
+    ]
+    return hashlib.blake2b(orjson.dumps(fields), digest_size=16).digest()
 
 
 class Bridge:
@@ -67,22 +99,36 @@ class Bridge:
         settings: Settings,
         config: BridgeConfig,
         credentials: Credentials | None = None,
+        secrets: Secrets | None = None,
     ) -> None:
         self.settings = settings
         self.config = config
         self.tuning = config.bridge
         self.projects: dict[str, ProjectConfig] = {p: config.project(p) for p in settings.projects}
         self.credentials = credentials
+        self.secrets = secrets or Secrets(client_id=settings.client_id)
         self.address = parse_broker_url(settings.broker)
-        self.status_topic = STATUS_TOPIC.format(client_id=settings.client_id)
         self.metrics = Metrics()
         self.engine = EngineClient(
             settings.engine,
+            api_key=self.secrets.engine_api_key,
             max_connections=self.tuning.max_in_flight + 8,
             timeout_s=self.tuning.request_timeout_s,
+            keepalive_s=self.tuning.engine_keepalive_s,
+            retries=self.tuning.engine_retries,
+        )
+        self.scheduler = FairScheduler(
+            self.tuning.max_in_flight,
+            caps={
+                name: cfg.max_engine_slots
+                for name, cfg in self.projects.items()
+                if cfg.max_engine_slots is not None
+            },
         )
         self.sessions = SessionStore(
-            idle_s=self.tuning.session_idle_s, max_sessions=self.tuning.max_sessions
+            idle_s=self.tuning.session_idle_s,
+            max_sessions=self.tuning.max_sessions,
+            busy=self.scheduler.busy,
         )
         self.dedupe = DedupeCache(
             ttl_s=self.tuning.dedupe_ttl_s, max_entries=self.tuning.dedupe_max_entries
@@ -95,41 +141,53 @@ class Bridge:
         self.http = HttpEndpoint(self.health, self.render_metrics)
         self.prompts = PromptBuilder(self.engine)
         self.engine_ok = False
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self.mqtt: MqttTransport | None = None
+        self.mqtt: dict[str, ProjectSession] = {}
+        self.status: StatusSession | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._debug = log.isEnabledFor(logging.DEBUG)
         self.ready = asyncio.Event()
-        # The Receive Maximum bounds what the broker sends, but Mosquitto 2.0.11 releases two
-        # messages per PUBACK (seen in its -v log), so the bridge bounds engine work itself too.
-        self._slots = asyncio.Semaphore(self.tuning.max_in_flight)
-        self.active = 0
 
     # ---------------------------------------------------------------- lifecycle
     async def run(self, stop: asyncio.Event) -> None:
         """Run until ``stop`` is set."""
-        self._loop = asyncio.get_running_loop()
+        loop = asyncio.get_running_loop()
         if self.settings.http_port is not None:
             await self.http.start(self.settings.http_host, self.settings.http_port)
             log.info("health and metrics on http://%s:%s", self.settings.http_host, self.http.port)
         try:
             if not await self._wait_for_engine(stop):
                 return
-            self.mqtt = MqttTransport(
-                self._loop,
+            client_id = self.secrets.client_id
+            for project, cfg in self.projects.items():
+                self.mqtt[project] = ProjectSession(
+                    loop,
+                    project,
+                    self.address,
+                    f"{client_id}-{project}",
+                    credentials=self.credentials,
+                    share_group=self.secrets.share_group,
+                    session_expiry_s=self.tuning.mqtt_session_expiry_s,
+                    receive_maximum=cfg.receive_maximum,
+                    keepalive_s=self.tuning.mqtt_keepalive_s,
+                    on_message=self._handle_message,
+                )
+            self.status = StatusSession(
+                loop,
                 self.address,
-                self.settings.client_id,
+                f"{client_id}-status",
+                self.settings.name,
                 credentials=self.credentials,
-                subscriptions=[
-                    f"$share/{self.tuning.share_group}/{project}/user_input"
-                    for project in self.projects
-                ],
-                status_topic=self.status_topic,
-                session_expiry_s=self.tuning.mqtt_session_expiry_s,
-                receive_maximum=self.tuning.max_in_flight,
-                on_message=self._handle_message,
+                keepalive_s=self.tuning.mqtt_keepalive_s,
             )
-            self.mqtt.start()
+            for session in self.mqtt.values():
+                session.start()
+            self.status.start()
+            log.info(
+                "serving %s as %s (%s subscriptions)",
+                ", ".join(self.projects),
+                self.settings.name,
+                "shared" if self.secrets.share_group else "plain",
+            )
             self._spawn(self._housekeeping(stop))
             self.ready.set()
             await stop.wait()
@@ -168,14 +226,16 @@ class Bridge:
         return False
 
     async def _shutdown(self) -> None:
-        if self.mqtt is not None:
-            await self.mqtt.stop()
+        for session in self.mqtt.values():
+            await session.stop()
+        if self.status is not None:
+            await self.status.stop()
+        await self.scheduler.aclose()
         for task in list(self._tasks):
             task.cancel()
         for task in list(self._tasks):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        await self.sessions.aclose()
         await self.engine.aclose()
         await self.http.stop()
         log.info("bridge stopped")
@@ -199,7 +259,7 @@ class Bridge:
     # ---------------------------------------------------------------- health / metrics
     @property
     def mqtt_connected(self) -> bool:
-        return self.mqtt is not None and self.mqtt.connected
+        return bool(self.mqtt) and all(s.connected for s in self.mqtt.values())
 
     def health(self) -> tuple[bool, dict[str, object]]:
         ok = self.mqtt_connected and self.engine_ok
@@ -207,53 +267,49 @@ class Bridge:
         return ok, {
             "status": "ok" if ok else "unhealthy",
             "mqtt_connected": self.mqtt_connected,
+            "projects": {p: {"connected": s.connected} for p, s in self.mqtt.items()},
             "engine_ok": self.engine_ok,
             "model": model.name if model else None,
-            "client_id": self.settings.client_id,
+            "name": self.settings.name,
         }
 
     def render_metrics(self) -> str:
         return self.metrics.render(
-            {
+            gauges={
                 "sessions": len(self.sessions),
-                "active": self.active,
+                "active": self.scheduler.active,
                 "mqtt_connected": float(self.mqtt_connected),
                 "engine_up": float(self.engine_ok),
                 "dedupe_entries": len(self.dedupe),
-            }
+            },
+            counters={
+                "engine_retries_total": self.engine.retried,
+                "tokenize_calls_total": self.prompts.counted,
+                "redelivered_total": sum(s.redelivered for s in self.mqtt.values()),
+            },
+            per_project={
+                "queued": {p: self.scheduler.queued(p) for p in self.projects},
+                "running": {p: self.scheduler.running(p) for p in self.projects},
+            },
         )
 
     # ---------------------------------------------------------------- replies and acks
-    def _publish(
-        self,
-        topic: str,
-        payload: bytes,
-        *,
-        correlation: bytes | None = None,
-        content_type: str | None = None,
-        user_properties: list[tuple[str, str]] | None = None,
-        track: bool = True,
-    ) -> asyncio.Future[None] | None:
-        assert self.mqtt is not None
-        return self.mqtt.publish(
-            topic,
-            payload,
-            correlation=correlation,
-            content_type=content_type,
-            user_properties=user_properties,
-            track=track,
-        )
-
-    def _ack_after(self, inbound: Inbound, future: asyncio.Future[None] | None) -> None:
+    def _ack_after(self, inbound: Inbound, future: asyncio.Future[int] | None) -> None:
         def done(_f: object = None) -> None:
-            if self.mqtt is not None:
-                self.mqtt.ack(inbound.mid, inbound.qos)
+            inbound.session.ack(inbound.mid, inbound.qos)
             self.metrics.in_flight -= 1
 
         if future is None:
             done()
         else:
             future.add_done_callback(done)
+
+    def _drop(self, inbound: Inbound, code: str, why: str) -> None:
+        """Acknowledge a message that gets no reply, and count it."""
+        self.metrics.dropped += 1
+        self.metrics.errors[code] += 1
+        log.warning("dropped a message of project %s: %s", inbound.project, why)
+        self._ack_after(inbound, None)
 
     def _send_reply(
         self,
@@ -269,18 +325,11 @@ class Bridge:
         self.metrics.observe_latency(latency)
         status = "error" if is_error else "ok"
         self.metrics.requests[(inbound.project, status)] += 1
+        if routing.reply_topic is None:
+            self._drop(inbound, code or "no_reply_topic", f"{code}, and no reply topic is known")
+            return None
         if code:
             self.metrics.errors[code] += 1
-        if routing.reply_topic is None:
-            self.metrics.dropped += 1
-            log.warning(
-                "dropped a %s message on %s/user_input: %s, and no reply topic is known",
-                inbound.project,
-                inbound.project,
-                code,
-            )
-            self._ack_after(inbound, None)
-            return None
         users = [("status", status)]
         if routing.request_id is not None:
             users.append(("requestId", routing.request_id))
@@ -288,13 +337,17 @@ class Bridge:
             users.append(("errorCode", code))
         json_reply = is_error or routing.format == "json"
         ctype = "application/json" if json_reply else "text/plain; charset=utf-8"
-        future = self._publish(
-            routing.reply_topic,
-            payload,
-            correlation=inbound.correlation,
-            content_type=ctype,
-            user_properties=users,
-        )
+        try:
+            future = inbound.session.publish(
+                routing.reply_topic,
+                payload,
+                properties=publish_properties(
+                    correlation=inbound.correlation, content_type=ctype, user_properties=users
+                ),
+            )
+        except (MqttPublishError, ValueError) as err:  # never a reason to keep the request
+            self._drop(inbound, "unpublishable", f"its reply could not be published: {err}")
+            return None
         self._ack_after(inbound, future)
         log.info(
             "%s %s/%s request=%s -> %s (%.0f ms)%s",
@@ -317,22 +370,17 @@ class Bridge:
             code=code.value,
         )
 
-    def _handle_message(self, msg: mqtt.MQTTMessage) -> None:
-        """A message from ``{project}/user_input`` (on the loop)."""
-        project = msg.topic.split("/", 1)[0]
+    def _handle_message(self, session: ProjectSession, msg: mqtt.MQTTMessage) -> None:
+        """A message from ``{project}/user_input`` (on the loop). Whatever happens, it ends
+        acknowledged: answered, answered with an error, or counted as dropped."""
         props = getattr(msg, "properties", None)
-        response_topic = getattr(props, "ResponseTopic", None) if props else None
         correlation = getattr(props, "CorrelationData", None) if props else None
-        inbound = Inbound(project, msg.mid, msg.qos, time.monotonic(), correlation)
+        inbound = Inbound(session, msg.mid, msg.qos, time.monotonic(), correlation)
         self.metrics.in_flight += 1
-        if project not in self.projects:
-            log.warning("message on %s, which is not a served project; ignored", msg.topic)
-            self.metrics.dropped += 1
-            self._ack_after(inbound, None)
-            return
         try:
+            response_topic = getattr(props, "ResponseTopic", None) if props else None
             parsed = parse_request(
-                project,
+                session.project,
                 bytes(msg.payload),
                 response_topic=response_topic,
                 max_payload_bytes=self.tuning.max_payload_bytes,
@@ -342,19 +390,36 @@ class Bridge:
                 self._reject(inbound, parsed.routing, parsed.code, parsed.message)
                 return
             self._accept(inbound, parsed)
-        except Exception:  # never let one message stop the bridge
-            log.exception("failed to handle a message on %s", msg.topic)
-            self._ack_after(inbound, None)
+        except Exception as err:  # never let one message stop the bridge or hold its slot
+            log.exception("failed to handle a message of project %s", session.project)
+            self._drop(inbound, ErrorCode.INTERNAL_ERROR.value, f"internal error: {err!r}")
 
     def _accept(self, inbound: Inbound, parsed: Accepted) -> None:
         request, routing = parsed.request, parsed.routing
         cfg = self.projects[inbound.project]
         if self._debug:
-            log.debug("request %s/%s: %r", inbound.project, request.sessionId, request.message)
-        dedupe_key = (inbound.project, routing.request_id) if routing.request_id else None
+            log.debug(
+                "request %s/%s: %s",
+                inbound.project,
+                request.sessionId,
+                names.printable(request.message),
+            )
+        dedupe_key: DedupeKey | None = (
+            (inbound.project, request.sessionId, routing.request_id) if routing.request_id else None
+        )
         if dedupe_key is not None:
-            entry = self.dedupe.begin(dedupe_key)
+            print_ = fingerprint(request)
+            entry = self.dedupe.begin(dedupe_key, print_)
             if entry is not None:
+                if self.dedupe.conflicts(entry, print_):
+                    self._reject(
+                        inbound,
+                        routing,
+                        ErrorCode.CONFLICT,
+                        f"requestId {routing.request_id} was already used in this session for "
+                        "another request; use a new requestId for a new request",
+                    )
+                    return
                 self.metrics.duplicates += 1
                 self._spawn(self._answer_repeat(inbound, parsed, entry))
                 return
@@ -368,7 +433,11 @@ class Bridge:
             self._spawn(self._run_probe(inbound, parsed, dedupe_key))
             return
         key: SessionKey = (inbound.project, request.sessionId)
-        self.sessions.submit(key, lambda: self._run_chat(inbound, parsed, key, dedupe_key))
+
+        async def job(waited: float) -> None:
+            await self._chat(inbound, parsed, key, dedupe_key, waited)
+
+        self.scheduler.submit(key, job)
 
     def _check_limits(
         self, project: str, request: ChatRequest, cfg: ProjectConfig
@@ -380,58 +449,64 @@ class Bridge:
                 ErrorCode.OVERRIDE_NOT_ALLOWED,
                 f"project {project} does not allow clients to set systemPrompt",
             )
+        if request.probe:
+            return None
         bucket = self.buckets.get(project)
-        if bucket is not None and not request.probe and not bucket.allow():
+        if bucket is not None and not bucket.allow():
             return (
                 ErrorCode.RATE_LIMITED,
                 f"rate limit of project {project} exceeded "
                 f"({cfg.rate_limit_per_minute:g} requests per minute); retry later",
             )
+        if self.scheduler.queued(project) >= cfg.max_queued:
+            return (
+                ErrorCode.RATE_LIMITED,
+                f"project {project} already has {cfg.max_queued} requests waiting for the "
+                "engine; retry later",
+            )
         return None
 
     async def _answer_repeat(self, inbound: Inbound, parsed: Accepted, entry: Any) -> None:
-        stored = await self.dedupe.wait(entry, self.tuning.request_timeout_s)
-        if stored is None:  # the first attempt failed or vanished: answer this one afresh
-            self._accept(inbound, parsed)
-            return
-        log.info("repeat of request %s answered from the cache", parsed.routing.request_id)
-        topic = parsed.routing.reply_topic or stored.topic
-        future = self._publish(
-            topic,
-            stored.payload,
-            correlation=inbound.correlation,
-            user_properties=[*stored.user_properties, ("duplicate", "true")],
-        )
-        self._ack_after(inbound, future)
+        try:
+            stored = await self.dedupe.wait(entry, self.tuning.request_timeout_s)
+            if stored is None:  # the first attempt failed or vanished: answer this one afresh
+                self._accept(inbound, parsed)
+                return
+            log.info("repeat of request %s answered from the cache", parsed.routing.request_id)
+            topic = parsed.routing.reply_topic or stored.topic
+            future = inbound.session.publish(
+                topic,
+                stored.payload,
+                properties=publish_properties(
+                    correlation=inbound.correlation,
+                    user_properties=[*stored.user_properties, ("duplicate", "true")],
+                ),
+            )
+            self._ack_after(inbound, future)
+        except Exception as err:
+            log.exception("failed to answer a repeated request")
+            self._drop(inbound, ErrorCode.INTERNAL_ERROR.value, f"internal error: {err!r}")
 
     # ---------------------------------------------------------------- generation
-    async def _run_chat(
-        self,
-        inbound: Inbound,
-        parsed: Accepted,
-        key: SessionKey,
-        dedupe_key: tuple[str, str] | None,
-    ) -> None:
-        """One request of a session, holding one of the ``max_in_flight`` engine slots from its
-        first engine call (/tokenize) to its reply."""
-        async with self._slots:
-            self.active += 1
-            try:
-                await self._chat(inbound, parsed, key, dedupe_key)
-            finally:
-                self.active -= 1
-
     async def _chat(
         self,
         inbound: Inbound,
         parsed: Accepted,
         key: SessionKey,
-        dedupe_key: tuple[str, str] | None,
+        dedupe_key: DedupeKey | None,
+        waited: float,
     ) -> None:
+        """One request of a session, holding one engine slot until its reply is published."""
         request, routing = parsed.request, parsed.routing
         cfg = self.projects[inbound.project]
         stored: StoredReply | None = None
         try:
+            if waited > self.tuning.queue_timeout_s:
+                raise RequestFailed(
+                    ErrorCode.OVERLOADED,
+                    f"waited {waited:.0f} s for the engine (limit {self.tuning.queue_timeout_s:g} "
+                    "s); retry later",
+                )
             session = self.sessions.get(key)
             assert self.engine.model is not None
             prompt = await self.prompts.build(
@@ -450,9 +525,10 @@ class Bridge:
                     f"the model spent its {completion.completion_tokens} tokens on reasoning and "
                     "gave no answer; allow more with maxTokens",
                 )
+            user_tokens = self.prompts.user_tokens_from_usage(prompt, completion.prompt_tokens)
             session.history = [
                 *prompt.kept_history,
-                Turn("user", request.message, prompt.new_tokens),
+                Turn("user", request.message, user_tokens),
                 Turn("assistant", completion.text, completion.completion_tokens),
             ]
             usage = {
@@ -465,16 +541,7 @@ class Bridge:
         except RequestFailed as err:
             self._reject(inbound, routing, err.code, err.message)
         except EngineError as err:
-            if err.unavailable:
-                self.engine_ok = await self.engine.health()
-                code = ErrorCode.ENGINE_UNAVAILABLE
-            elif err.status == 400 and "context length" in str(err).lower():
-                # the engine's own count disagreed with ours (vllm/renderers/params.py:
-                # "This model's maximum context length is ..."): the message is too long
-                code = ErrorCode.MESSAGE_TOO_LONG
-            else:
-                code = ErrorCode.ENGINE_ERROR
-            self._reject(inbound, routing, code, str(err))
+            self._reject(inbound, routing, *self._engine_error(err))
         except TimeoutError:
             self._reject(
                 inbound,
@@ -484,10 +551,24 @@ class Bridge:
             )
         except Exception as err:
             log.exception("request failed")
-            self._reject(inbound, routing, ErrorCode.INTERNAL_ERROR, f"internal error: {err}")
+            self._reject(inbound, routing, ErrorCode.INTERNAL_ERROR, f"internal error: {err!r}")
         finally:
             if dedupe_key is not None:
                 self.dedupe.finish(dedupe_key, stored)
+
+    def _engine_error(self, err: EngineError) -> tuple[ErrorCode, str]:
+        if err.overloaded:
+            return ErrorCode.OVERLOADED, f"the engine is overloaded: {err}; retry later"
+        if err.status == 504:
+            return ErrorCode.TIMEOUT, str(err)
+        if err.unavailable:
+            self.engine_ok = False
+            return ErrorCode.ENGINE_UNAVAILABLE, str(err)
+        if err.status == 400 and "context length" in str(err).lower():
+            # the engine's own count disagreed with ours (vllm/renderers/params.py:
+            # "This model's maximum context length is ..."): the message is too long
+            return ErrorCode.MESSAGE_TOO_LONG, str(err)
+        return ErrorCode.ENGINE_ERROR, str(err)
 
     async def _generate(
         self,
@@ -500,6 +581,7 @@ class Bridge:
         if not request.stream or routing.reply_topic is None:
             return await self.engine.chat(messages, params)
         topic = routing.reply_topic + STREAM_SUFFIX
+        props = publish_properties(correlation=inbound.correlation)
         pending: list[str] = []
         seq = 0
         last = time.monotonic()
@@ -511,28 +593,20 @@ class Bridge:
             pending.append(item)
             now = time.monotonic()
             if now - last >= self.tuning.stream_interval_s:
-                self._publish(
-                    topic,
-                    stream_payload(routing, seq, "".join(pending)),
-                    correlation=inbound.correlation,
-                    track=False,
-                )
+                payload = stream_payload(routing, seq, "".join(pending))
+                inbound.session.publish(topic, payload, properties=props, track=False)
                 seq += 1
                 pending.clear()
                 last = now
         if pending:
-            self._publish(
-                topic,
-                stream_payload(routing, seq, "".join(pending)),
-                correlation=inbound.correlation,
-                track=False,
-            )
+            payload = stream_payload(routing, seq, "".join(pending))
+            inbound.session.publish(topic, payload, properties=props, track=False)
         if final is None:
             raise EngineError("the engine's stream ended early", 502)
         return final
 
     async def _run_probe(
-        self, inbound: Inbound, parsed: Accepted, dedupe_key: tuple[str, str] | None
+        self, inbound: Inbound, parsed: Accepted, dedupe_key: DedupeKey | None
     ) -> None:
         """A health probe: a 1-token completion, no history; always answered with the envelope."""
         routing = Routing(
@@ -564,6 +638,9 @@ class Bridge:
             self._reject(
                 inbound, routing, ErrorCode.ENGINE_UNAVAILABLE, f"engine probe failed: {err}"
             )
+        except Exception as err:
+            log.exception("probe failed")
+            self._reject(inbound, routing, ErrorCode.INTERNAL_ERROR, f"internal error: {err!r}")
         finally:
             if dedupe_key is not None:
                 self.dedupe.finish(dedupe_key, stored)

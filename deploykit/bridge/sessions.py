@@ -1,20 +1,14 @@
-"""Conversation state per (project, sessionId): history trimmed by tokens, strict arrival order
-within a session, concurrency across sessions, idle expiry that never touches a busy session."""
+"""Conversation state per (project, sessionId): history trimmed by tokens, idle expiry that never
+touches a session with work (the order of a session's requests is the scheduler's)."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import logging
 import time
-from collections import OrderedDict, deque
-from collections.abc import Awaitable, Callable
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-log = logging.getLogger(__name__)
-
 SessionKey = tuple[str, str]  # (project, sessionId)
-Job = Callable[[], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -90,33 +84,27 @@ def trim_history(
 class Session:
     key: SessionKey
     history: list[Turn] = field(default_factory=list)
-    queue: deque[Job] = field(default_factory=deque)
-    busy: bool = False
     last_active: float = field(default_factory=time.monotonic)
-
-    @property
-    def idle(self) -> bool:
-        return not self.busy and not self.queue
 
 
 class SessionStore:
-    """Sessions with a FIFO of jobs each. ``submit`` runs a session's jobs one after another in
-    arrival order; different sessions run concurrently. Idle sessions expire after ``idle_s``;
-    when more than ``max_sessions`` exist the least recently used idle ones go first. A session
-    with queued or running work is never evicted."""
+    """The history of each session. Sessions idle for ``idle_s`` expire; beyond ``max_sessions``
+    the least recently used go first. A session the scheduler still has work for (``busy``) is
+    never dropped."""
 
     def __init__(
         self,
         *,
         idle_s: float = 1800.0,
         max_sessions: int = 10000,
+        busy: Callable[[SessionKey], bool] = lambda key: False,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._sessions: OrderedDict[SessionKey, Session] = OrderedDict()
         self.idle_s = idle_s
         self.max_sessions = max_sessions
+        self._busy = busy
         self._clock = clock
-        self._tasks: set[asyncio.Task[None]] = set()
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -128,41 +116,20 @@ class SessionStore:
             self._sessions[key] = session
             self._evict_over_limit()
         else:
+            session.last_active = self._clock()
             self._sessions.move_to_end(key)
         return session
 
     def peek(self, key: SessionKey) -> Session | None:
         return self._sessions.get(key)
 
-    def submit(self, key: SessionKey, job: Job) -> None:
-        """Queue ``job`` for the session; start its worker when none runs. Call from the loop."""
-        session = self.get(key)
-        session.queue.append(job)
-        if not session.busy:
-            session.busy = True
-            task = asyncio.get_running_loop().create_task(self._drain(session))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-
-    async def _drain(self, session: Session) -> None:
-        try:
-            while session.queue:
-                job = session.queue.popleft()
-                try:
-                    await job()
-                except asyncio.CancelledError:
-                    raise
-                except Exception:  # a job reports its own errors; never stop the session
-                    log.exception("session job failed")
-        finally:
-            session.busy = False
-            session.last_active = self._clock()
-
     def expire(self) -> int:
         """Drop sessions idle for longer than ``idle_s``. Returns how many went."""
         now = self._clock()
         stale = [
-            k for k, s in self._sessions.items() if s.idle and now - s.last_active > self.idle_s
+            k
+            for k, s in self._sessions.items()
+            if now - s.last_active > self.idle_s and not self._busy(k)
         ]
         for key in stale:
             del self._sessions[key]
@@ -174,12 +141,5 @@ class SessionStore:
         for key in list(self._sessions):
             if len(self._sessions) <= self.max_sessions:
                 break
-            if self._sessions[key].idle:
+            if not self._busy(key):
                 del self._sessions[key]
-
-    async def aclose(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        for task in list(self._tasks):
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task

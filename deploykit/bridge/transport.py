@@ -1,13 +1,19 @@
-"""MQTT transport of the bridge (paho-mqtt 2.x, MQTT 5), used from one asyncio loop.
+"""MQTT transport of the bridge: one MQTT session per project, plus one for the status topic.
 
-- A persistent session: ``clean_start=False`` and a ``SessionExpiryInterval`` (without it the broker
-  keeps nothing), a stable client id, reconnect with backoff (paho's loop, 1 to 30 s).
-- ``manual_ack``: the owner acknowledges each request itself (``ack``), after its reply's PUBACK.
-- The MQTT 5 Receive Maximum tells the broker how many unacknowledged requests it may send.
-- A retained status topic, ``online`` on each connect, ``offline`` as the last will and on stop.
-- Paho's network thread is never blocked: every callback only hands its data to the loop with
-  ``call_soon_threadsafe``. ``publish`` returns a future that resolves at the PUBACK; because PUBACKs
-  also arrive through the loop, the future is always registered before its PUBACK is handled.
+Each project has its own persistent session (client id ``<secret>-<project>``), its own
+subscription and its own in-flight window (the MQTT 5 Receive Maximum the broker honours per
+session), so a flood of one project's requests waits in the broker inside that project's session
+and never holds back another project's. Replies go out on the session that received the request.
+
+- Persistent sessions: ``clean_start=False`` and a ``SessionExpiryInterval`` (without it the
+  broker keeps nothing); the broker keeps the subscription and queues requests while the bridge
+  is away, also across a broker restart with persistence.
+- ``manual_ack``: a request is acknowledged (``ack``) only after its reply's PUBACK.
+- Redelivery: after a reconnect the broker sends unacknowledged requests again with the same packet
+  id. One whose answer is still being made is not started twice (its own acknowledgement covers
+  it); one whose acknowledgement was lost while disconnected is acknowledged at once.
+- The status session (clean, with a retained ``offline`` will) publishes ``online`` on each connect.
+Everything runs on the bridge's asyncio loop (deploykit.mqttloop): no network thread.
 """
 
 from __future__ import annotations
@@ -18,137 +24,181 @@ from collections.abc import Callable
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
-from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from deploykit import names
 from deploykit.mqttclient import BrokerAddress, Credentials, connect_properties, make_client
+from deploykit.mqttloop import AsyncMqtt, publish_properties
 
 log = logging.getLogger("deploykit.bridge")
 
+#: What the bridge knows of a received packet id: still being answered, or answered while the
+#: connection was down (its PUBACK never left).
+WORKING, ANSWERED = "working", "answered"
 
-class MqttTransport:
+
+class ProjectSession:
+    """The MQTT session of one project."""
+
     def __init__(
         self,
         loop: asyncio.AbstractEventLoop,
+        project: str,
         address: BrokerAddress,
         client_id: str,
         *,
         credentials: Credentials | None,
-        subscriptions: list[str],
-        status_topic: str,
+        share_group: str | None,
         session_expiry_s: int,
         receive_maximum: int,
-        on_message: Callable[[mqtt.MQTTMessage], None],
+        keepalive_s: int,
+        on_message: Callable[[ProjectSession, mqtt.MQTTMessage], None],
     ) -> None:
-        self._loop = loop
-        self.address = address
+        self.project = project
         self.client_id = client_id
-        self.subscriptions = subscriptions
-        self.status_topic = status_topic
-        self.connected = False
-        self._on_message_cb = on_message
-        self._pending: dict[int, asyncio.Future[None]] = {}
+        topic = names.request_topic(project)
+        self.subscription = f"$share/{share_group}/{topic}" if share_group else topic
+        self._on_message = on_message
+        self._inbound: dict[int, str] = {}
+        self.redelivered = 0
         client = make_client(client_id, credentials=credentials, manual_ack=True)
-        client.will_set(status_topic, "offline", qos=1, retain=True)
+        # paho holds replies beyond this window and sends them as PUBACKs come back
         client.max_inflight_messages_set(max(20, receive_maximum))
         client.max_queued_messages_set(0)  # replies are never dropped by paho
-        client.reconnect_delay_set(1, 30)
-        client.on_connect = self._on_connect
-        client.on_disconnect = self._on_disconnect
-        client.on_message = self._on_message
-        client.on_publish = self._on_publish
-        self._client = client
-        self._connect_props = connect_properties(
-            session_expiry_s=session_expiry_s, receive_maximum=receive_maximum
+        self.mqtt = AsyncMqtt(
+            loop,
+            client,
+            address.host,
+            address.port,
+            keepalive=keepalive_s,
+            clean_start=False,
+            connect_properties=connect_properties(
+                session_expiry_s=session_expiry_s, receive_maximum=receive_maximum
+            ),
+            on_message=self._received,
+            on_connect=self._connected,
+            on_disconnect=lambda reason: log.warning(
+                "project %s: disconnected from the broker: %s", project, reason
+            ),
+            name=f"project {project}",
         )
+
+    @property
+    def connected(self) -> bool:
+        return self.mqtt.connected
 
     def start(self) -> None:
-        self._client.connect_async(
-            self.address.host,
-            self.address.port,
-            keepalive=30,
-            clean_start=False,
-            properties=self._connect_props,
-        )
-        self._client.loop_start()
-        log.info("connecting to %s as %s", self.address, self.client_id)
+        self.mqtt.start()
 
     async def stop(self) -> None:
-        """Publish ``offline`` (the will is only sent on an unclean end), then disconnect."""
-        if self.connected:
-            info = self._client.publish(self.status_topic, "offline", qos=1, retain=True)
-            await self._loop.run_in_executor(None, info.wait_for_publish, 3.0)
-        self._client.disconnect()
-        self._client.loop_stop()
+        await self.mqtt.stop()
 
-    # ------------------------------------------------------------ paho callbacks (network thread)
-    def _on_connect(self, client: mqtt.Client, _u: Any, flags: Any, reason: Any, _p: Any) -> None:
-        if reason.is_failure:
-            log.error("the broker refused the connection: %s", reason)
-            return
-        log.info("connected to %s (session present: %s)", self.address, flags.session_present)
-        opts = SubscribeOptions(qos=1)
-        client.subscribe([(topic, opts) for topic in self.subscriptions])
-        client.publish(self.status_topic, "online", qos=1, retain=True)
-        self._call(self._set_connected, True)
+    def _connected(self, session_present: bool) -> None:
+        log.info(
+            "project %s: connected to the broker (session present: %s)",
+            self.project,
+            session_present,
+        )
+        if not session_present:
+            # The broker starts afresh: packet ids restart, so an id held from before names another
+            # request now. Requests still being answered will not be acknowledged (their senders
+            # retry; answers of repeated requestIds come from the de-duplication cache).
+            self._inbound.clear()
+        self.mqtt.client.subscribe([(self.subscription, 1)])
 
-    def _on_disconnect(self, _c: mqtt.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
-        log.warning("disconnected from the broker: %s", reason)
-        self._call(self._set_connected, False)
+    def _received(self, msg: mqtt.MQTTMessage) -> None:
+        if msg.qos > 0:
+            state = self._inbound.get(msg.mid)
+            if state == WORKING:
+                self.redelivered += 1
+                return  # being answered; its acknowledgement will cover this copy
+            if state == ANSWERED:
+                self.redelivered += 1
+                self._inbound.pop(msg.mid)
+                self.mqtt.ack(msg.mid, msg.qos)  # the first PUBACK was lost with the connection
+                return
+            self._inbound[msg.mid] = WORKING
+        self._on_message(self, msg)
 
-    def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
-        self._call(self._on_message_cb, msg)
-
-    def _on_publish(self, _c: mqtt.Client, _u: Any, mid: int, reason: Any, _p: Any) -> None:
-        self._call(self._puback, mid, reason)
-
-    def _call(self, fn: Callable[..., None], *args: Any) -> None:
-        if not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(fn, *args)
-
-    # ------------------------------------------------------------ loop side
-    def _set_connected(self, value: bool) -> None:
-        self.connected = value
-
-    def _puback(self, mid: int, reason: Any) -> None:
-        future = self._pending.pop(mid, None)
-        if future is not None and not future.done():
-            if reason is not None and getattr(reason, "is_failure", False):
-                # "no matching subscribers" (16) is a success code; failures are >= 0x80
-                log.warning("reply %d refused by the broker: %s", mid, reason)
-            future.set_result(None)
+    def ack(self, mid: int, qos: int) -> None:
+        """Acknowledge a request (after its reply's PUBACK)."""
+        if qos == 0 or self._inbound.get(mid) != WORKING:
+            return  # not ours to acknowledge (see _connected)
+        if self.mqtt.ack(mid, qos):
+            del self._inbound[mid]
+        else:
+            self._inbound[mid] = ANSWERED
 
     def publish(
         self,
         topic: str,
         payload: bytes,
         *,
-        correlation: bytes | None = None,
-        content_type: str | None = None,
-        user_properties: list[tuple[str, str]] | None = None,
+        properties: Properties | None = None,
         track: bool = True,
-    ) -> asyncio.Future[None] | None:
-        """Publish at QoS 1 (call on the loop). With ``track`` the future resolves at the PUBACK;
-        paho keeps the message across a reconnect and resends it, so it resolves once the broker
-        has it."""
-        props = Properties(PacketTypes.PUBLISH)
-        if correlation is not None:
-            props.CorrelationData = correlation
-        if content_type:
-            props.ContentType = content_type
-        if user_properties:
-            props.UserProperty = user_properties
-        info = self._client.publish(topic, payload, qos=1, properties=props)
-        if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
-            log.error("cannot queue a message on %s: %s", topic, mqtt.error_string(info.rc))
-        if not track:
-            return None
-        future: asyncio.Future[None] = self._loop.create_future()
-        self._pending[info.mid] = future
-        return future
+    ) -> asyncio.Future[int] | None:
+        return self.mqtt.publish(topic, payload, properties=properties, track=track)
 
-    def ack(self, mid: int, qos: int) -> None:
-        """Acknowledge a received message (QoS > 0), so the broker drops it from the session."""
-        if qos > 0:
-            self._client.ack(mid, qos)
+
+class StatusSession:
+    """A clean session that keeps ``deploykit/bridge/<name>/status`` retained: ``online`` while
+    connected, ``offline`` as its will and on a clean stop."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        address: BrokerAddress,
+        client_id: str,
+        name: str,
+        *,
+        credentials: Credentials | None,
+        keepalive_s: int,
+    ) -> None:
+        self.topic = names.status_topic(name)
+        client = make_client(client_id, credentials=credentials)
+        client.will_set(self.topic, "offline", qos=1, retain=True)
+        self.mqtt = AsyncMqtt(
+            loop,
+            client,
+            address.host,
+            address.port,
+            keepalive=keepalive_s,
+            clean_start=True,
+            on_connect=self._online,
+            name="status",
+        )
+
+    def _online(self, _session_present: bool) -> None:
+        self.mqtt.publish(self.topic, b"online", retain=True)
+
+    @property
+    def connected(self) -> bool:
+        return self.mqtt.connected
+
+    def start(self) -> None:
+        self.mqtt.start()
+
+    async def stop(self) -> None:
+        if self.mqtt.connected:
+            done = self.mqtt.publish(self.topic, b"offline", retain=True, track=True)
+            if done is not None:
+                try:
+                    await asyncio.wait_for(done, 3.0)
+                except TimeoutError:
+                    log.warning("the broker did not confirm the offline status")
+        await self.mqtt.stop()
+
+
+def reply_properties(
+    *,
+    correlation: bytes | None,
+    content_type: str | None,
+    user_properties: list[tuple[str, str]] | None,
+) -> Properties | None:
+    return publish_properties(
+        correlation=correlation, content_type=content_type, user_properties=user_properties
+    )
+
+
+def describe_reason(code: Any) -> str:
+    return mqtt.error_string(code) if isinstance(code, int) else str(code)

@@ -25,8 +25,21 @@ def bridge(
     config: Path | None = typer.Option(
         None, "--config", help="YAML config with per-project settings [env DEPLOYKIT_BRIDGE_CONFIG]"
     ),
-    client_id: str | None = typer.Option(
-        None, "--client-id", help="stable MQTT client id of this replica [env DEPLOYKIT_CLIENT_ID]"
+    client_id_file: Path | None = typer.Option(
+        None,
+        "--client-id-file",
+        help="file holding this replica's secret MQTT client id [env DEPLOYKIT_CLIENT_ID_FILE]",
+    ),
+    name: str | None = typer.Option(
+        None, "--name", help="public name in the status topic [env DEPLOYKIT_BRIDGE_NAME]"
+    ),
+    share_group_file: Path | None = typer.Option(
+        None,
+        "--share-group-file",
+        help="file holding the secret share group (replicas); none: plain subscriptions",
+    ),
+    engine_api_key_file: Path | None = typer.Option(
+        None, "--engine-api-key-file", help="file holding the engine's API key"
     ),
     http_port: int | None = typer.Option(
         None, "--http-port", help="port of /health and /metrics [env DEPLOYKIT_HTTP_PORT]"
@@ -50,7 +63,10 @@ def bridge(
             "engine": engine,
             "projects": projects,
             "config_file": config,
-            "client_id": client_id,
+            "client_id_file": client_id_file,
+            "name": name,
+            "share_group_file": share_group_file,
+            "engine_api_key_file": engine_api_key_file,
             "http_port": http_port,
             "mqtt_username_file": mqtt_username_file,
             "mqtt_password_file": mqtt_password_file,

@@ -300,6 +300,7 @@ class BridgeProcess:
             "DEPLOYKIT_PROJECTS": self.projects,
             "DEPLOYKIT_BRIDGE_CONFIG": str(self.config),
             "DEPLOYKIT_CLIENT_ID": self.client_id,
+            "DEPLOYKIT_BRIDGE_NAME": self.client_id,
             "DEPLOYKIT_HTTP_PORT": str(self.http_port),
         }
         self.proc = subprocess.Popen(

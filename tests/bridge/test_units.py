@@ -23,6 +23,7 @@ from deploykit.bridge.protocol import (
     reply_topic_problem,
     session_id_problem,
 )
+from deploykit.bridge.scheduler import FairScheduler
 from deploykit.bridge.sessions import PromptTooLong, SessionStore, Turn, trim_history
 from deploykit.errors import UsageError
 from deploykit.mqttclient import BrokerAddress, parse_broker_url, read_credentials
@@ -150,7 +151,9 @@ def test_payloads() -> None:
     }
     err = json.loads(error_payload(routing, "rate_limited", "slow down"))
     assert err["status"] == "error" and err["text"] is None
-    assert err["error"] == {"code": "rate_limited", "message": "slow down"}
+    assert err["error"] == {"code": "rate_limited", "message": "slow down", "retryable": True}
+    err = json.loads(error_payload(routing, "invalid_request", "sessionId is required"))
+    assert err["error"]["retryable"] is False
 
 
 # ------------------------------------------------------------------------------ trimming
@@ -220,65 +223,143 @@ def test_single_message_too_long() -> None:
     assert err.value.needed == 521 and err.value.budget == 400
 
 
-# ------------------------------------------------------------------------------ ordering, expiry
+# ------------------------------------------------------------------------------ scheduling, expiry
+def _recorder(slots: int, caps: dict[str, int] | None = None):  # type: ignore[no-untyped-def]
+    """A scheduler and a factory of jobs that log when they start and end."""
+    scheduler = FairScheduler(slots, caps)
+    log: list[str] = []
+    running = {"now": 0, "peak": 0}
+
+    def job(name: str, delay: float = 0.01):  # type: ignore[no-untyped-def]
+        async def run(waited: float) -> None:
+            assert waited >= 0
+            running["now"] += 1
+            running["peak"] = max(running["peak"], running["now"])
+            log.append(f"start {name}")
+            await asyncio.sleep(delay)
+            log.append(f"end {name}")
+            running["now"] -= 1
+
+        return run
+
+    return scheduler, log, running, job
+
+
 def test_session_order_and_cross_session_concurrency() -> None:
-    async def main() -> tuple[list[str], int]:
-        store = SessionStore()
-        log: list[str] = []
-        running = 0
-        peak = 0
-
-        def job(name: str, delay: float):  # type: ignore[no-untyped-def]
-            async def run() -> None:
-                nonlocal running, peak
-                running += 1
-                peak = max(peak, running)
-                await asyncio.sleep(delay)
-                log.append(name)
-                running -= 1
-
-            return run
-
+    async def main() -> tuple[list[str], dict[str, int]]:
+        scheduler, log, running, job = _recorder(slots=8)
         # the first job of session a is slow; a's later jobs must still wait for it
-        store.submit(("p", "a"), job("a1", 0.05))
-        store.submit(("p", "a"), job("a2", 0.0))
-        store.submit(("p", "b"), job("b1", 0.01))
-        store.submit(("p", "a"), job("a3", 0.0))
+        scheduler.submit(("p", "a"), job("a1", 0.05))
+        scheduler.submit(("p", "a"), job("a2", 0.0))
+        scheduler.submit(("p", "b"), job("b1", 0.01))
+        scheduler.submit(("p", "a"), job("a3", 0.0))
         await asyncio.sleep(0.2)
-        return log, peak
+        assert scheduler.active == 0 and not scheduler.busy(("p", "a"))
+        return log, running
 
-    log, peak = asyncio.run(main())
-    assert [x for x in log if x.startswith("a")] == ["a1", "a2", "a3"]
-    assert log.index("b1") < log.index("a1")  # b did not wait for a
-    assert peak == 2
+    log, running = asyncio.run(main())
+    ends = [x for x in log if x.startswith("end a")]
+    assert ends == ["end a1", "end a2", "end a3"]
+    assert log.index("start a2") > log.index("end a1")  # one job of a session at a time
+    assert log.index("end b1") < log.index("end a1")  # b did not wait for a
+    assert running["peak"] == 2
 
 
 def test_failing_job_does_not_stop_session() -> None:
     async def main() -> list[str]:
-        store = SessionStore()
+        scheduler = FairScheduler(4)
         log: list[str] = []
 
-        async def boom() -> None:
+        async def boom(_waited: float) -> None:
             raise RuntimeError("x")
 
-        async def ok() -> None:
+        async def ok(_waited: float) -> None:
             log.append("ok")
 
-        store.submit(("p", "a"), boom)
-        store.submit(("p", "a"), ok)
+        scheduler.submit(("p", "a"), boom)
+        scheduler.submit(("p", "a"), ok)
         await asyncio.sleep(0.05)
+        assert scheduler.free == 4  # the failed job gave its slot back
         return log
 
     assert asyncio.run(main()) == ["ok"]
 
 
+def test_a_flooding_project_does_not_starve_another() -> None:
+    """Two slots; project flood queues 40 requests of 40 sessions, then maze sends one. The two
+    running floods aside, at most one flood request (whose turn came first) starts before maze."""
+
+    async def main() -> list[str]:
+        scheduler, log, _, job = _recorder(slots=2)
+        for i in range(40):
+            scheduler.submit(("flood", f"s{i}"), job(f"flood{i}"))
+        scheduler.submit(("maze", "m"), job("maze"))
+        assert scheduler.queued("flood") == 38 and scheduler.queued("maze") == 1
+        await asyncio.sleep(0.5)
+        return log
+
+    starts = [x for x in asyncio.run(main()) if x.startswith("start")]
+    assert starts.index("start maze") <= 3, starts
+    assert len(starts) == 41
+
+
+def test_sessions_of_a_project_take_turns() -> None:
+    """One slot; session a has 6 requests queued, then b sends one: b runs after a's second, not
+    after its sixth."""
+
+    async def main() -> list[str]:
+        scheduler, log, _, job = _recorder(slots=1)
+        for i in range(6):
+            scheduler.submit(("p", "a"), job(f"a{i}"))
+        scheduler.submit(("p", "b"), job("b"))
+        await asyncio.sleep(0.3)
+        return log
+
+    starts = [x for x in asyncio.run(main()) if x.startswith("start")]
+    assert starts.index("start b") == 1, starts
+    assert [s for s in starts if s.startswith("start a")] == [f"start a{i}" for i in range(6)]
+
+
+def test_project_cap_keeps_slots_for_others() -> None:
+    async def main() -> tuple[list[str], int]:
+        scheduler, log, running, job = _recorder(slots=3, caps={"flood": 1})
+        for i in range(5):
+            scheduler.submit(("flood", f"s{i}"), job(f"f{i}", 0.05))
+        assert scheduler.running("flood") == 1 and scheduler.free == 2
+        scheduler.submit(("maze", "m"), job("maze", 0.0))
+        assert scheduler.running("maze") == 1  # started at once: a slot was free
+        await asyncio.sleep(0.5)
+        return log, running["peak"]
+
+    log, peak = asyncio.run(main())
+    assert log.index("start maze") < log.index("start f1")
+    assert peak == 2
+
+
+def test_waited_seconds_are_passed_to_the_job() -> None:
+    async def main() -> list[float]:
+        scheduler = FairScheduler(1)
+        waits: list[float] = []
+
+        async def slow(waited: float) -> None:
+            waits.append(waited)
+            await asyncio.sleep(0.1)
+
+        scheduler.submit(("p", "a"), slow)
+        scheduler.submit(("p", "b"), slow)
+        await asyncio.sleep(0.3)
+        return waits
+
+    waits = asyncio.run(main())
+    assert waits[0] < 0.05 and waits[1] >= 0.09
+
+
 def test_idle_expiry_spares_busy_sessions() -> None:
     clock = Clock()
-    store = SessionStore(idle_s=10, clock=clock)
-    idle = store.get(("p", "idle"))
+    busy_keys = {("p", "busy")}
+    store = SessionStore(idle_s=10, clock=clock, busy=busy_keys.__contains__)
+    store.get(("p", "idle"))
     busy = store.get(("p", "busy"))
-    busy.busy = True
-    assert idle.idle
     clock.now += 11
     assert store.expire() == 1
     assert store.peek(("p", "idle")) is None
@@ -286,9 +367,9 @@ def test_idle_expiry_spares_busy_sessions() -> None:
 
 
 def test_max_sessions_evicts_idle_lru() -> None:
-    store = SessionStore(max_sessions=2)
+    busy_keys = {("p", "1")}
+    store = SessionStore(max_sessions=2, busy=busy_keys.__contains__)
     busy = store.get(("p", "1"))
-    busy.busy = True
     store.get(("p", "2"))
     store.get(("p", "3"))
     assert store.peek(("p", "1")) is busy
@@ -376,7 +457,16 @@ def test_config_file(tmp_path: Path) -> None:
     cfg = load_config(path)
     assert cfg.project("maze").system_prompt == "Guide."
     assert cfg.project("maze").max_history_tokens == 100
-    assert cfg.project("general").rate_limit_per_minute is None
+    assert cfg.project("maze").rate_limit_per_minute == 10
+    assert cfg.project("general").rate_limit_per_minute == 1200  # the documented default
+    path.write_text("defaults:\n  rate_limit_per_minute: null\n")
+    assert load_config(path).project("general").rate_limit_per_minute is None  # off
+    path.write_text(
+        "defaults:\n  max_history_tokens: 100\n"
+        "projects:\n  maze:\n    system_prompt: Guide.\n    rate_limit_per_minute: 10\n"
+        "bridge:\n  max_in_flight: 8\n"
+    )
+    cfg = load_config(path)
     assert cfg.bridge.max_in_flight == 8
     path.write_text("projects:\n  maze:\n    temprature: 1\n")
     with pytest.raises(UsageError, match="temprature"):
