@@ -172,9 +172,8 @@ class Stack:
                 f"user {pwd.getpwuid(os.getuid()).pw_name}\nmax_queued_messages 100000\n"
                 "set_tcp_nodelay true\n"
             )
-            mosq = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
             proc = subprocess.Popen(
-                [mosq, "-c", str(conf)],
+                [a.mosquitto, "-c", str(conf)],
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
                 start_new_session=True,
@@ -192,7 +191,9 @@ class Stack:
         b.log = self.tmp / f"bridge-{b.label}.log"
         env = {
             **os.environ,
-            "PYTHONPATH": str(b.source),
+            "PYTHONPATH": os.pathsep.join(
+                x for x in (str(b.source), os.environ.get("PYTHONPATH")) if x
+            ),
             "DEPLOYKIT_BROKER": self.broker or "",
             "DEPLOYKIT_ENGINE": self.engine or "",
             "DEPLOYKIT_PROJECTS": b.project,
@@ -413,6 +414,11 @@ def main(argv: list[str] | None = None) -> int:
         ),
     )
     p.add_argument("--max-num-seqs", type=int, default=256, help="the engine's batch limit")
+    p.add_argument(
+        "--mosquitto",
+        default=shutil.which("mosquitto") or "/usr/sbin/mosquitto",
+        help="the broker binary (when no --broker is given)",
+    )
     p.add_argument(
         "--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 32, 64]
     )

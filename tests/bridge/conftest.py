@@ -7,6 +7,7 @@ is absent; CI provisions both (scripts/provision.sh --tests).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pwd
@@ -541,3 +542,70 @@ def client(bridge: BridgeProcess, client_factory: Callable[..., Client]) -> Clie
 
 def new_session() -> str:
     return f"s-{uuid.uuid4().hex[:10]}"
+
+
+# ------------------------------------------------------------------------------------ network
+class Blackhole:
+    """A TCP forwarder to a port, whose link can be cut: while cut, bytes in both directions are
+    read and dropped (a black-holed network, no reset), so only keepalives notice. Restoring it
+    closes the connections that lived through the cut (their streams lost bytes) and forwards new
+    ones again."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target = target_port
+        self.port = free_port()
+        self.cut = threading.Event()
+        self._conns: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._server = socket.create_server(("127.0.0.1", self.port))
+        self._server.settimeout(0.2)
+        self._stop = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                client, _ = self._server.accept()
+            except OSError:
+                continue
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target), 2)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._conns += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                if not self.cut.is_set():
+                    dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            with contextlib.suppress(OSError):
+                s.close()
+
+    def restore(self) -> None:
+        with self._lock:
+            old, self._conns = self._conns, []
+        for s in old:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+                s.close()
+        self.cut.clear()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._server.close()
+        self.restore()

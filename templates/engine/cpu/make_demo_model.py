@@ -7,12 +7,16 @@ vLLM CPU venv):
 
     python make_demo_model.py OUT_DIR                  # tiny: the cpu image's demo model, the tests'
     python make_demo_model.py OUT_DIR --size bench     # ~120M params, for benchmarks
+    python make_demo_model.py OUT_DIR --size llama3-8b --config-only   # GPU benchmarks
 
 Sizes:
   tiny   hidden 128, intermediate 256, 2 layers, 2 heads (head_dim 64), 1 KV head: vLLM's CPU build
          loads it in seconds. Its answers are random tokens; it proves the plumbing, not quality.
   bench  hidden 1024, intermediate 4096, 8 layers, 16 heads (head_dim 64), 4 KV heads (~120M
          params, bf16). Decoding is bound by weight reads, like a real LLM's.
+  llama3-8b  Llama-3-8B's shape (hidden 4096, intermediate 14336, 32 layers, 32 heads of 128,
+         8 KV heads, vocabulary 128256): with --config-only no weights are written; vLLM serves it
+         with --load-format dummy (random weights, the cost of a real 8B model).
 Both use a ~512-token byte-level BPE tokenizer trained on the spot. head_dim is 64 because vLLM's
 CPU attention backend needs it. The output is deterministic for a given --seed.
 """
@@ -40,6 +44,16 @@ SIZES: dict[str, dict[str, int]] = {
         "num_attention_heads": 16,
         "num_key_value_heads": 4,
         "max_position_embeddings": 2048,
+    },
+    "llama3-8b": {
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "vocab_size": 128256,
+        "max_position_embeddings": 8192,
     },
 }
 
@@ -120,7 +134,7 @@ def build_tokenizer(out: Path, think: bool = False) -> None:
     cfg_path.write_text(json.dumps(cfg, indent=2))
 
 
-def build_model(out: Path, size: str, seed: int) -> int:
+def build_model(out: Path, size: str, seed: int, config_only: bool = False) -> int:
     import torch
     from transformers import (
         GenerationConfig,
@@ -130,10 +144,8 @@ def build_model(out: Path, size: str, seed: int) -> int:
     )
 
     tok = PreTrainedTokenizerFast.from_pretrained(str(out))
-    dims = SIZES[size]
+    dims = {"vocab_size": len(tok), "head_dim": 64, **SIZES[size]}
     config = LlamaConfig(
-        vocab_size=len(tok),
-        head_dim=64,
         rms_norm_eps=1e-5,
         bos_token_id=tok.convert_tokens_to_ids("<s>"),
         eos_token_id=[tok.convert_tokens_to_ids("</s>"), tok.convert_tokens_to_ids("<|end|>")],
@@ -141,6 +153,15 @@ def build_model(out: Path, size: str, seed: int) -> int:
         torch_dtype="bfloat16",
         **dims,
     )
+    if config_only:
+        config.save_pretrained(str(out))
+        GenerationConfig(
+            bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id
+        ).save_pretrained(str(out))
+        h, i, n = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+        kv = config.num_key_value_heads * config.head_dim
+        per_layer = h * (h + 2 * kv + h) + 3 * h * i  # attention (q, k, v, o) + MLP
+        return n * per_layer + 2 * config.vocab_size * h
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).to(torch.bfloat16)
     model.save_pretrained(str(out), safe_serialization=True)
@@ -158,12 +179,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--think", action="store_true", help="add <think> tokens; replies open in reasoning"
     )
+    parser.add_argument(
+        "--config-only", action="store_true", help="no weights (serve with --load-format dummy)"
+    )
     args = parser.parse_args(argv)
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     build_tokenizer(out, think=args.think)
-    n = build_model(out, args.size, args.seed)
-    print(f"wrote {args.size} Llama ({n / 1e6:.1f}M params) to {out}", file=sys.stderr)
+    n = build_model(out, args.size, args.seed, args.config_only)
+    what = "config of a" if args.config_only else "random-weight"
+    print(f"wrote the {what} {args.size} Llama ({n / 1e6:.1f}M params) to {out}", file=sys.stderr)
     return 0
 
 
