@@ -9,7 +9,7 @@ Importable with nothing but the standard library (pynvml is imported lazily), so
 under tests/data/ runs on a GPU machine that has only nvidia-ml-py.
 
 NVML numbers GPUs in PCI bus order, as nvidia-smi and ``NVIDIA_VISIBLE_DEVICES`` do; CUDA numbers them
-fastest-first unless ``CUDA_DEVICE_ORDER=PCI_BUS_ID`` (FACTS.md). deploykit pins by UUID, so the
+fastest-first unless ``CUDA_DEVICE_ORDER=PCI_BUS_ID`` (docs/facts.md, "GPUs and pinning"). deploykit pins by UUID, so the
 difference never matters once a spec is resolved.
 """
 

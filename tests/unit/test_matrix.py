@@ -1,4 +1,4 @@
-"""The matrix against the facts in FACTS.md (vLLM 0.33.0 source, get_min_capability())."""
+"""The matrix against docs/facts.md, "Quantization methods" (vLLM 0.33.0, get_min_capability())."""
 
 from __future__ import annotations
 
