@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from enum import StrEnum
 
+from deploykit.checkpoint import CheckpointQuant, quant_methods_of, serves
 from deploykit.errors import UnsupportedError, UsageError
 
 # --- pinned versions (the one place they are written) ---------------------------------------------
@@ -74,7 +75,8 @@ class MethodSpec:
     #: Lowest compute capability the method runs on in vLLM (``get_min_capability()`` / 10).
     min_cc: float | None
     checkpoint: Checkpoint
-    #: ``quantization_config.quant_method`` values a pre-quantized checkpoint of this method carries.
+    #: ``quantization_config.quant_method`` values a pre-quantized checkpoint of this method carries
+    #: (``deploykit.checkpoint.QUANT_METHODS``).
     checkpoint_quant_methods: tuple[str, ...]
     #: Extra Python packages the engine image installs (with ``pip install --no-deps``).
     extra_packages: tuple[str, ...] = ()
@@ -124,7 +126,7 @@ METHODS: dict[Quant, MethodSpec] = {
         "FP8 (W8A8 on CC >= 8.9, weight-only below)",
         7.5,
         Checkpoint.EITHER,
-        ("fp8",),
+        quant_methods_of(Quant.FP8),
         note="halves weight memory; 1.3-1.6x faster than bf16 at every batch size on H100",
     ),
     Quant.AWQ: MethodSpec(
@@ -132,7 +134,7 @@ METHODS: dict[Quant, MethodSpec] = {
         "AWQ 4-bit (Marlin kernels)",
         7.5,
         Checkpoint.PREQUANTIZED,
-        ("awq", "awq_marlin"),
+        quant_methods_of(Quant.AWQ),
         note="about a quarter of bf16 weight memory; ~1.65x faster at batch 1, no gain at batch 256",
     ),
     Quant.GPTQ: MethodSpec(
@@ -140,7 +142,7 @@ METHODS: dict[Quant, MethodSpec] = {
         "GPTQ 4/8-bit (Marlin kernels)",
         7.5,
         Checkpoint.PREQUANTIZED,
-        ("gptq", "gptq_marlin"),
+        quant_methods_of(Quant.GPTQ),
         note="about a quarter of bf16 weight memory; ~1.65x faster at batch 1, no gain at batch 256",
     ),
     Quant.BITSANDBYTES: MethodSpec(
@@ -148,7 +150,7 @@ METHODS: dict[Quant, MethodSpec] = {
         "bitsandbytes NF4 (in-flight)",
         7.0,
         Checkpoint.EITHER,
-        ("bitsandbytes",),
+        quant_methods_of(Quant.BITSANDBYTES),
         extra_packages=BNB_PACKAGES,
         note="memory saver only: about half as fast as bf16 once requests are batched (vLLM issue 9535)",
     ),
@@ -373,6 +375,16 @@ def methods_for(compute_capability: float | None) -> list[Quant]:
         if c.gpu_class is gpu_class
         and c.supported
         and (c.min_compute_capability or 0) <= compute_capability
+    ]
+
+
+def methods_serving(found: CheckpointQuant) -> list[Quant]:
+    """The methods that can serve this checkpoint (``deploykit.checkpoint.serves``), in table order."""
+    return [
+        q
+        for q in Quant
+        if not METHODS[q].removed
+        and serves(q, found, needs_prequantized=METHODS[q].checkpoint is Checkpoint.PREQUANTIZED)
     ]
 
 

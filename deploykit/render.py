@@ -10,17 +10,19 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from functools import cache
+from importlib import resources
 from pathlib import Path, PurePosixPath
 
 import jinja2
 
 from deploykit import __version__, names
+from deploykit.checkpoint import CheckpointQuant
 from deploykit.errors import UsageError
+from deploykit.guard import FACTS_FILE, IMAGE_FILES, ImageFacts
 from deploykit.matrix import (
     BF16_MIN_CC,
     CPU_DEMO_MODEL,
     CPU_DEMO_SERVED_NAME,
-    METHODS,
     MOSQUITTO_BASE_IMAGE,
     PYTHON_BASE_IMAGE,
     VLLM_CPU_VERSION,
@@ -29,6 +31,7 @@ from deploykit.matrix import (
     VLLM_VERSION,
     Cell,
     GpuClass,
+    methods_serving,
     supported_cells,
 )
 
@@ -38,6 +41,7 @@ ENGINE_PORT = 8000
 BRIDGE_HTTP_PORT = 9000
 MQTT_PORT = 1883
 SOURCE_URL = "https://github.com/deploykit/deploykit"
+UNQUANTIZED = CheckpointQuant(None, None)
 EXECUTABLE_SUFFIXES = (".sh", ".py")
 
 
@@ -173,39 +177,41 @@ def _labels(title: str, description: str, extra: dict[str, str]) -> dict[str, st
     return dict(sorted(labels.items()))
 
 
-def _guard_facts(cell: Cell) -> dict[str, object]:
-    """What the start-up guard needs to know, as plain JSON-able data."""
+def image_facts(cell: Cell) -> ImageFacts:
+    """What the start-up guard of this cell's engine image knows about it (its ``facts.json``)."""
     # in matrix order (none, fp8, awq, gptq, bitsandbytes), lowest class first
     gpu_cells = [c for c in supported_cells() if c.gpu_class is not GpuClass.CPU]
+    order = [str(c.quant) for c in gpu_cells]
     alternatives = sorted(
         ((c.min_compute_capability or 0.0, str(c.quant), str(c.gpu_class)) for c in gpu_cells),
-        key=lambda a: (a[0], [str(c.quant) for c in gpu_cells].index(a[1])),
+        key=lambda a: (a[0], order.index(a[1])),
     )
-    return {
-        "quant": str(cell.quant),
-        "gpu_class": str(cell.gpu_class),
-        "min_compute_capability": cell.min_compute_capability,
-        "bf16_min_compute_capability": BF16_MIN_CC,
-        "dtype_below_bf16": cell.dtype_below_bf16,
-        "vllm_args": list(cell.vllm_args),
-        "online_quant_args": list(cell.online_quant_args),
-        "requires_prequantized": cell.requires_prequantized,
-        "checkpoint_quant_methods": list(cell.checkpoint_quant_methods),
-        # quantization_config.quant_method of a checkpoint -> the deploykit method that serves it
-        "quant_methods": {
-            raw: str(q)
-            for q, m in METHODS.items()
-            if not m.removed
-            for raw in m.checkpoint_quant_methods
-        },
-        "alternatives": [list(a) for a in alternatives],
-        "serve": (
-            ["python3", "-m", "vllm.entrypoints.openai.api_server"]
+    return ImageFacts(
+        quant=str(cell.quant),
+        gpu_class=str(cell.gpu_class),
+        min_compute_capability=cell.min_compute_capability,
+        bf16_min_compute_capability=BF16_MIN_CC,
+        dtype_below_bf16=cell.dtype_below_bf16,
+        vllm_args=cell.vllm_args,
+        online_quant_args=cell.online_quant_args,
+        requires_prequantized=cell.requires_prequantized,
+        unquantized_methods=tuple(str(q) for q in methods_serving(UNQUANTIZED)),
+        alternatives=tuple(alternatives),
+        serve=(
+            ("python3", "-m", "vllm.entrypoints.openai.api_server")
             if cell.gpu_class is GpuClass.CPU
-            else ["vllm", "serve"]
+            else ("vllm", "serve")
         ),
-        "runtime_uid": RUNTIME_UID,
-    }
+        runtime_uid=RUNTIME_UID,
+    )
+
+
+def _guard_files(cell: Cell) -> list[tuple[str, str]]:
+    """The guard and the modules it imports, copied as they are, and this image's facts file."""
+    package = resources.files("deploykit")
+    files = [(name, package.joinpath(name).read_text()) for name in IMAGE_FILES]
+    facts = json.dumps(image_facts(cell).to_json(), indent=2, sort_keys=True) + "\n"
+    return [*files, (FACTS_FILE.name, facts)]
 
 
 def render_engine(cell: Cell, bundle: Bundle | None = None, out: str | None = None) -> Bundle:
@@ -225,7 +231,6 @@ def render_engine(cell: Cell, bundle: Bundle | None = None, out: str | None = No
         "engine_port": ENGINE_PORT,
         "demo_model": CPU_DEMO_MODEL,
         "demo_served_name": CPU_DEMO_SERVED_NAME,
-        "guard_facts": _guard_facts(cell),
         "labels": _labels(
             f"deploykit engine {cell.quant} on {cell.gpu_class}",
             f"vLLM {vllm_version} OpenAI server, quantization {cell.quant}, GPU class {cell.gpu_class}",
@@ -239,7 +244,8 @@ def render_engine(cell: Cell, bundle: Bundle | None = None, out: str | None = No
         ),
     }
     _render_folder(bundle, f"engine/{family}", out, context)
-    bundle.add(f"{out}/guard.py", _render("engine/guard.py.j2", **context), executable=True)
+    for name, text in _guard_files(cell):
+        bundle.add(f"{out}/{name}", text, executable=name.endswith(EXECUTABLE_SUFFIXES))
     if family == "cpu" or cell.extra_packages:
         bundle.add(
             f"{out}/wheelhouse/README.md", _render("common/wheelhouse.md.j2", image=cell.image_name)

@@ -1,8 +1,9 @@
 """A model directory as plan sees it: architecture, parameters, and how the checkpoint is quantized.
 
-Reads config.json (``quantization_config`` / ``compression_config``), hf_quant_config.json (ModelOpt) and
-the safetensors headers (never the weights). ``check_checkpoint`` refuses a method that does not match
-the checkpoint, naming what the checkpoint is and which methods fit it.
+Reads config.json and hf_quant_config.json (ModelOpt) and the safetensors headers (never the weights).
+How the checkpoint is quantized, and which methods serve it, is ``deploykit.checkpoint``'s to say (the
+engine images' start-up guard runs the same module); ``check_checkpoint`` refuses a method that does
+not match the checkpoint, naming what the checkpoint is and which methods fit it.
 """
 
 from __future__ import annotations
@@ -10,15 +11,18 @@ from __future__ import annotations
 import json
 import math
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from deploykit import checkpoint as ckpt
+from deploykit.checkpoint import CheckpointQuant
 from deploykit.errors import ModelError, UsageError
 from deploykit.matrix import (
     METHODS,
     Checkpoint,
     Quant,
+    methods_serving,
 )
 
 #: Bits a parameter of a quantized linear layer takes, scales and zero points included.
@@ -31,24 +35,6 @@ BITS_PER_PARAM: dict[Quant, float] = {
 }
 #: Bytes a KV-cache element takes per --kv-cache-dtype ("auto": the model's bf16/fp16).
 KV_BYTES = {"auto": 2, "bfloat16": 2, "float16": 2, "fp8": 1, "fp8_e4m3": 1, "fp8_e5m2": 1}
-
-# --- the checkpoint -------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class CheckpointQuant:
-    """How a checkpoint is quantized, as its files say."""
-
-    #: The raw value ("awq", "compressed-tensors", "modelopt"); None: unquantized.
-    quant_method: str | None
-    method: Quant | None  # the deploykit method that serves it; None when unquantized or unknown
-    description: str  # "AWQ 4-bit, group 128" / "unquantized bfloat16"
-    bits: int | None = None
-    group_size: int | None = None
-
-    @property
-    def quantized(self) -> bool:
-        return self.quant_method is not None
 
 
 @dataclass(frozen=True)
@@ -89,7 +75,8 @@ class ModelInfo:
         if self.checkpoint.quantized:
             if self.safetensors_bytes:
                 return self.safetensors_bytes
-            bits = BITS_PER_PARAM.get(self.checkpoint.method or quant, 16.0)
+            method = Quant(self.checkpoint.method) if self.checkpoint.method else quant
+            bits = BITS_PER_PARAM.get(method, 16.0)
             if self.checkpoint.bits and self.checkpoint.group_size:
                 bits = self.checkpoint.bits + 20 / self.checkpoint.group_size
             return int(self.linear_params * bits / 8 + self.other_params * 2)
@@ -157,55 +144,10 @@ def _first(cfg: dict[str, Any], *keys: str, default: Any = None) -> Any:
 def detect_checkpoint_quant(
     config: dict[str, Any], hf_quant_config: dict[str, Any] | None
 ) -> CheckpointQuant:
-    """Read how a checkpoint is quantized: quantization_config / compression_config / hf_quant_config.json."""
-    qc = config.get("quantization_config") or config.get("compression_config")
-    if isinstance(qc, dict):
-        raw = str(
-            qc.get("quant_method")
-            or ("compressed-tensors" if "compression_config" in config else "")
-        ).lower()
-        bits, group = qc.get("bits"), qc.get("group_size")
-        if raw == "compressed-tensors" or (not raw and "config_groups" in qc):
-            return _compressed_tensors(qc)
-        if raw == "modelopt":
-            algo = str(qc.get("quant_algo", "")).upper()
-            return _modelopt(algo)
-        for method in Quant:
-            if raw in METHODS[method].checkpoint_quant_methods:
-                detail = f"{method.value.upper()} {bits}-bit" if bits else method.value.upper()
-                if group:
-                    detail += f", group {group}"
-                if method is Quant.BITSANDBYTES:
-                    detail = "bitsandbytes " + ("4-bit" if qc.get("load_in_4bit") else "8-bit")
-                return CheckpointQuant(raw, method, detail, bits, group)
-        return CheckpointQuant(
-            raw or "unknown", None, f"quantized with {raw or 'an unnamed method'!r}"
-        )
-    if hf_quant_config:
-        algo = str((hf_quant_config.get("quantization") or {}).get("quant_algo", "")).upper()
-        return _modelopt(algo)
-    dtype = str(_first(config, "torch_dtype", "dtype", default="bfloat16"))
-    return CheckpointQuant(None, None, f"unquantized {dtype}")
-
-
-def _compressed_tensors(qc: dict[str, Any]) -> CheckpointQuant:
-    weights = [
-        g.get("weights") or {}
-        for g in (qc.get("config_groups") or {}).values()
-        if isinstance(g, dict)
-    ]
-    w = weights[0] if weights else {}
-    bits, kind = w.get("num_bits"), str(w.get("type", "")).lower()
-    if bits == 8 and kind == "float":
-        return CheckpointQuant("compressed-tensors", Quant.FP8, "FP8 (compressed-tensors)", 8)
-    desc = f"compressed-tensors {kind or '?'} {bits or '?'}-bit"
-    return CheckpointQuant("compressed-tensors", None, desc, bits, w.get("group_size"))
-
-
-def _modelopt(algo: str) -> CheckpointQuant:
-    if algo.startswith("FP8"):
-        return CheckpointQuant("modelopt", Quant.FP8, f"FP8 (NVIDIA ModelOpt, {algo})", 8)
-    return CheckpointQuant("modelopt", None, f"NVIDIA ModelOpt {algo or '?'}")
+    """How a checkpoint is quantized (``deploykit.checkpoint``: the rules the engine images' start-up
+    guard runs too), with the method that serves it as a :class:`Quant`."""
+    found = ckpt.detect(config, hf_quant_config)
+    return replace(found, method=Quant(found.method)) if found.method else found
 
 
 def _estimate_params(cfg: dict[str, Any]) -> tuple[int, int]:
@@ -306,9 +248,7 @@ def read_model(path: str | Path) -> ModelInfo:
             "give the local directory of a Hugging Face model (e.g. `hf download ORG/NAME --local-dir DIR`)",
         )
     try:
-        config = json.loads(config_path.read_text())
-        hf_quant_path = model_dir / "hf_quant_config.json"
-        hf_quant = json.loads(hf_quant_path.read_text()) if hf_quant_path.is_file() else None
+        config, hf_quant = ckpt.read_configs(model_dir)
     except (OSError, ValueError) as err:
         raise ModelError(f"cannot read the model config in {model_dir}: {err}") from None
     cfg = (
@@ -357,14 +297,8 @@ def read_model(path: str | Path) -> ModelInfo:
 
 
 def methods_for_checkpoint(checkpoint: CheckpointQuant) -> list[Quant]:
-    """deploykit methods that can serve this checkpoint (matrix: Checkpoint kinds, quant methods)."""
-    if not checkpoint.quantized:
-        return [
-            q
-            for q in Quant
-            if not METHODS[q].removed and METHODS[q].checkpoint is not Checkpoint.PREQUANTIZED
-        ]
-    return [checkpoint.method] if checkpoint.method else []
+    """deploykit methods that can serve this checkpoint (``deploykit.checkpoint.serves``)."""
+    return methods_serving(checkpoint)
 
 
 def check_checkpoint(quant: Quant, model: ModelInfo) -> None:

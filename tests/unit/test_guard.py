@@ -1,4 +1,4 @@
-"""The engine images' start-up guard (rendered guard.py), fed GPU inventories and real configs.
+"""The engine images' start-up guard (deploykit/guard.py), fed GPU inventories and real configs.
 
 GPU data: tests/data/h100-nvml.json was recorded on a real H100 (see tests/data/README.md); the
 T4 and V100 inventories are written by hand and say so in their `source` field.
@@ -6,16 +6,15 @@ T4 and V100 inventories are written by hand and say so in their `source` field.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
 from deploykit.errors import ExitCode
+from deploykit.guard import Guard
 from deploykit.matrix import resolve_target
-from deploykit.render import render_engine, write_files
+from deploykit.render import image_facts
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 
@@ -25,16 +24,9 @@ def inventory(name: str) -> list[tuple[str, float]]:
     return [(g["name"], float(g["compute_capability"])) for g in data["gpus"]]
 
 
-def load_guard(tmp_path: Path, quant: str, gpu_class: str) -> ModuleType:
-    cell = resolve_target(quant, gpu_class)
-    write_files(render_engine(cell, out="engine"), tmp_path)
-    spec = importlib.util.spec_from_file_location(
-        f"guard_{quant}_{gpu_class}", tmp_path / "engine" / "guard.py"
-    )
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def load_guard(tmp_path: Path, quant: str, gpu_class: str) -> Guard:
+    """The guard of one engine image, with the facts its facts.json holds."""
+    return Guard(image_facts(resolve_target(quant, gpu_class)))
 
 
 def checkpoint(tmp_path: Path, quantization_config: dict | None) -> str:
@@ -97,8 +89,8 @@ def test_bf16_becomes_fp16_on_turing(tmp_path: Path, monkeypatch: pytest.MonkeyP
     guard = load_guard(tmp_path, "none", "cuda")
     monkeypatch.setattr(guard, "visible_gpus", lambda: inventory("t4-written.json"))
     cc = guard.check_gpus()
-    assert guard.with_dtype(list(guard.FACTS["vllm_args"]), cc) == ["--dtype", "float16"]
-    assert guard.with_dtype(list(guard.FACTS["vllm_args"]), 8.0) == ["--dtype", "bfloat16"]
+    assert guard.with_dtype(list(guard.facts.vllm_args), cc) == ["--dtype", "float16"]
+    assert guard.with_dtype(list(guard.facts.vllm_args), 8.0) == ["--dtype", "bfloat16"]
 
 
 @pytest.mark.parametrize(
@@ -121,7 +113,7 @@ def test_checkpoint_mismatch_is_refused(
     guard = load_guard(tmp_path, quant, "cuda-fp8")
     model = checkpoint(tmp_path, config)
     with pytest.raises(SystemExit) as exit_:
-        guard.check_checkpoint(["--model", model], list(guard.FACTS["vllm_args"]))
+        guard.check_checkpoint(["--model", model], list(guard.facts.vllm_args))
     assert exit_.value.code == ExitCode.MODEL
     err = capsys.readouterr().err
     for word in words:
@@ -131,14 +123,14 @@ def test_checkpoint_mismatch_is_refused(
 def test_prequantized_fp8_checkpoint_drops_the_online_flag(tmp_path: Path) -> None:
     guard = load_guard(tmp_path, "fp8", "cuda-fp8")
     model = checkpoint(tmp_path, {"quant_method": "fp8", "activation_scheme": "dynamic"})
-    args = guard.check_checkpoint(["--model", model], list(guard.FACTS["vllm_args"]))
+    args = guard.check_checkpoint(["--model", model], list(guard.facts.vllm_args))
     assert args == ["--kv-cache-dtype", "fp8"]
 
 
 def test_bf16_checkpoint_keeps_online_fp8(tmp_path: Path) -> None:
     guard = load_guard(tmp_path, "fp8", "cuda-fp8")
     model = checkpoint(tmp_path, None)
-    args = guard.check_checkpoint(["--model", model], list(guard.FACTS["vllm_args"]))
+    args = guard.check_checkpoint(["--model", model], list(guard.facts.vllm_args))
     assert args[:2] == ["--quantization", "fp8_per_tensor"]
 
 
@@ -170,7 +162,7 @@ def test_hub_model_id_skips_the_checkpoint_check(
 def test_fp8_checkpoints_in_other_formats_are_fp8(tmp_path: Path, config: dict) -> None:
     guard = load_guard(tmp_path, "fp8", "cuda-fp8")
     model = checkpoint(tmp_path, config)
-    assert guard.check_checkpoint(["--model", model], list(guard.FACTS["vllm_args"])) == [
+    assert guard.check_checkpoint(["--model", model], list(guard.facts.vllm_args)) == [
         "--kv-cache-dtype",
         "fp8",
     ]
