@@ -1,7 +1,8 @@
 """Local base images for machines that cannot pull (air-gapped sites, this CI).
 
-The official images stay the default. When a Dockerfile's default base is neither present nor
-pullable, ``deploykit build`` builds a stand-in from Debian packages and says so:
+The official images stay the default. When an image's default base is neither present nor
+pullable, ``deploykit build`` builds the stand-in of its kind (``ImageSpec.base_kind``, from
+``deploykit.render``) from Debian packages and says so:
 
 - ``deploykit/base-python:bookworm``: ``debootstrap --variant=minbase`` of Debian bookworm with
   python3, python3-venv and ca-certificates, imported with ``docker import``;
@@ -20,11 +21,11 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from enum import StrEnum
 from pathlib import Path
 
 from deploykit.docker import Docker
 from deploykit.errors import DeployKitError, DockerError
+from deploykit.matrix import BaseKind
 
 ProgressFn = Callable[[str], None]
 
@@ -51,13 +52,6 @@ _TRIM = (
 )
 
 
-class BaseKind(StrEnum):
-    """Which local base stands in for a Dockerfile's default base image."""
-
-    PYTHON = "python"
-    MOSQUITTO = "mosquitto"
-
-
 LOCAL_BASE = {BaseKind.PYTHON: PYTHON_BASE, BaseKind.MOSQUITTO: MOSQUITTO_BASE}
 
 
@@ -67,16 +61,6 @@ class BaseImageResult:
     built: bool  # False when it was already there
     seconds: float
     size_bytes: int
-
-
-def kind_for(default_base: str) -> BaseKind | None:
-    """The local stand-in for an official base, or None when there is none (the vLLM images)."""
-    repository = default_base.rsplit(":", 1)[0].rsplit("/", 1)[-1]
-    if repository == "eclipse-mosquitto" or repository == "mosquitto":
-        return BaseKind.MOSQUITTO
-    if repository == "python" and "bookworm" in default_base:
-        return BaseKind.PYTHON
-    return None
 
 
 def ensure(

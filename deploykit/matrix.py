@@ -32,6 +32,15 @@ MOSQUITTO_BASE_IMAGE = "eclipse-mosquitto:2.0"
 BNB_PACKAGES = ("vllm-bnb-plugin==0.0.3", "bitsandbytes==0.50.2")
 
 
+class BaseKind(StrEnum):
+    """The local stand-in that can replace an official base image where nothing can be pulled
+    (``deploykit.baseimages`` builds it): Debian's python3 for ``PYTHON_BASE_IMAGE``, Debian's
+    mosquitto for ``MOSQUITTO_BASE_IMAGE``. The vLLM CUDA images have none."""
+
+    PYTHON = "python"
+    MOSQUITTO = "mosquitto"
+
+
 class Quant(StrEnum):
     """A quantization method as the user names it."""
 

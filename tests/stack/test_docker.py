@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from deploykit import build
+from deploykit import build, render
 from deploykit.baseimages import MOSQUITTO_BASE, PYTHON_BASE
 from deploykit.docker import Docker
 from deploykit.errors import DockerError
@@ -24,16 +24,16 @@ def test_unpullable_default_base_falls_back_to_the_local_one_and_says_so(
     docker_api: Docker, bases: None
 ) -> None:
     said: list[str] = []
-    if docker_api.image_exists(build.plan_broker().default_base):
+    if docker_api.image_exists(render.broker_image().default_base):
         pytest.skip("the official Mosquitto image is here; nothing to fall back from")
-    assert build.choose_base(docker_api, build.plan_broker(), None, said.append) == MOSQUITTO_BASE
+    assert build.choose_base(docker_api, render.broker_image(), None, said.append) == MOSQUITTO_BASE
     assert any("neither present nor pullable" in s and MOSQUITTO_BASE in s for s in said)
-    assert build.choose_base(docker_api, build.plan_bridge(), None, said.append) == PYTHON_BASE
+    assert build.choose_base(docker_api, render.bridge_image(), None, said.append) == PYTHON_BASE
 
 
 def test_a_missing_base_image_is_a_docker_error_with_a_hint(docker_api: Docker) -> None:
     with pytest.raises(DockerError) as err:
-        build.choose_base(docker_api, build.plan_bridge(), "deploykit/no-such-base:1", print)
+        build.choose_base(docker_api, render.bridge_image(), "deploykit/no-such-base:1", print)
     assert "neither present nor pullable" in err.value.message
     assert "deploykit base-images" in (err.value.hint or "")
 
@@ -69,7 +69,7 @@ def test_exec_and_labels_on_a_throwaway_container(docker_api: Docker, bases: Non
 
 
 def test_a_vllm_base_gets_no_debian_stand_in(docker_api: Docker) -> None:
-    plan = build.plan_engine(resolve_target("fp8", "cuda-fp8"))
+    plan = render.engine_image(resolve_target("fp8", "cuda-fp8"))
     if docker_api.image_exists(plan.default_base):
         pytest.skip(f"{plan.default_base} is here")
     with pytest.raises(DockerError) as err:

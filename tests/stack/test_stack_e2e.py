@@ -18,7 +18,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from deploykit import build, stack
+from deploykit import build, render, stack
 from deploykit.docker import Docker
 from deploykit.matrix import resolve_target
 from deploykit.secrets import SecretsFolder
@@ -46,7 +46,7 @@ def built(docker_api: Docker, timings: Stopwatch) -> list[build.Built]:
         pytest.skip(f"no vLLM CPU wheelhouse at {WHEELHOUSE} (scripts/provision.sh --tests)")
     results = build.build_images(
         docker_api,
-        build.plan_stack([resolve_target("none", "cpu")]),
+        render.stack_images([resolve_target("none", "cpu")]),
         wheelhouse=WHEELHOUSE,
         progress=lambda line: None,
     )

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from deploykit import build, devices, health, stack
-from deploykit.baseimages import MOSQUITTO_BASE, PYTHON_BASE, BaseKind, kind_for
+from deploykit import build, devices, health, render, stack
+from deploykit.baseimages import MOSQUITTO_BASE, PYTHON_BASE, BaseKind
 from deploykit.docker import explain
 from deploykit.errors import CheckFailed, GpuError, UnsupportedError, UsageError
 from deploykit.matrix import GpuClass, resolve_target
@@ -203,20 +203,19 @@ def test_daemon_errors_get_hints() -> None:
     assert "deploykit base-images" in (base.hint or "")
 
 
-def test_build_plans_read_their_default_base_from_the_dockerfile() -> None:
-    cpu = build.plan_engine(resolve_target("none", "cpu"))
+def test_image_specs_carry_their_default_base_and_its_kind() -> None:
+    cpu = render.engine_image(resolve_target("none", "cpu"))
     assert cpu.tag.startswith("deploykit/engine:none-cpu-")
-    assert (
-        cpu.default_base == "python:3.11-slim-bookworm"
-        and kind_for(cpu.default_base) is BaseKind.PYTHON
-    )
-    broker = build.plan_broker()
-    assert kind_for(broker.default_base) is BaseKind.MOSQUITTO
-    assert build.plan_bridge().needs_deploykit_wheel
+    assert cpu.default_base == "python:3.11-slim-bookworm" and cpu.base_kind is BaseKind.PYTHON
+    broker = render.broker_image()
+    assert broker.base_kind is BaseKind.MOSQUITTO
+    assert render.bridge_image().needs_deploykit_wheel
     assert {str(f.path) for f in cpu.files} >= {"Dockerfile", "guard.py", "make_demo_model.py"}
     assert PYTHON_BASE != MOSQUITTO_BASE
-    gpu = build.plan_engine(resolve_target("fp8", "cuda-fp8"))
-    assert gpu.default_base.startswith("vllm/vllm-openai:v") and kind_for(gpu.default_base) is None
+    gpu = render.engine_image(resolve_target("fp8", "cuda-fp8"))
+    assert gpu.default_base.startswith("vllm/vllm-openai:v") and gpu.base_kind is None
+    dockerfile = next(f.text for f in gpu.files if str(f.path) == "Dockerfile")
+    assert f"ARG BASE_IMAGE={gpu.default_base}\n" in dockerfile  # the data and the text agree
 
 
 def test_context_digest_follows_content(tmp_path: Path) -> None:

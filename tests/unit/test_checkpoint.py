@@ -16,10 +16,11 @@ import pytest
 
 from deploykit import checkpoint, errors, guard
 from deploykit.errors import ExitCode, ModelError
+from deploykit.files import write_files
 from deploykit.guard import Guard
 from deploykit.matrix import Cell, methods_serving, resolve_target, supported_cells
 from deploykit.plan import check_checkpoint, read_model
-from deploykit.render import image_facts, render_all, write_files
+from deploykit.render import image_facts, render_all
 
 CHECKPOINTS = Path(__file__).resolve().parents[1] / "data" / "checkpoints"
 

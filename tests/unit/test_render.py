@@ -11,14 +11,13 @@ from pathlib import Path
 import pytest
 import yaml
 
+from deploykit.files import check_files, write_files
 from deploykit.matrix import supported_cells
 from deploykit.render import (
     StackOptions,
-    check_files,
     compose_name,
     render_all,
     render_compose,
-    write_files,
 )
 
 REPO = Path(__file__).resolve().parents[2]
