@@ -1,9 +1,11 @@
 """``deploykit doctor``: is this host ready to build and run a stack? Each check says ok or what to do.
 
-Every check is a small object with a ``name`` and ``run() -> CheckResult`` (ok / fail / skip, a detail
-and, when it fails, a hint). The facts they look at come from one :class:`HostProbe`, whose methods are
-the only edges (docker SDK through deploykit.docker, NVML through deploykit.devices, the compose
-command, disk usage, one TCP connection to the broker); tests pass a fake probe.
+Every check is a small object with a ``name`` and ``run()``, in the vocabulary ``deploykit health``
+shares (``deploykit.checks``: ok / fail / skip, a detail and, when it fails, a hint). The facts they
+look at come from one :class:`HostProbe`, whose methods are the only edges (docker SDK through
+deploykit.docker, NVML through deploykit.devices, the compose command, disk usage, one TCP connection
+to the broker); tests pass a fake probe. An error the probe raises is a failed check with the error's
+hint (``deploykit.checks.run_checks``).
 """
 
 from __future__ import annotations
@@ -12,13 +14,13 @@ import contextlib
 import shutil
 import socket
 import subprocess
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from enum import StrEnum
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
+from deploykit.checks import Check, CheckResult, failed, ok, skipped
 from deploykit.devices import GpuInventory, read_inventory
 from deploykit.errors import DeployKitError
 from deploykit.matrix import VLLM_IMAGE, VLLM_IMAGE_CU129_SUFFIX, VLLM_IMAGE_CUDA, VLLM_VERSION
@@ -29,38 +31,6 @@ from deploykit.plan import check_driver
 DISK_GIB_CUDA = 40
 DISK_GIB_CPU = 10
 CDI_DIRS = ("/etc/cdi", "/var/run/cdi")
-
-
-class Status(StrEnum):
-    OK = "ok"
-    FAIL = "fail"
-    SKIP = "skip"  # not applicable here (says why); does not fail the doctor
-
-
-@dataclass(frozen=True)
-class CheckResult:
-    name: str
-    status: Status
-    detail: str
-    hint: str | None = None
-
-    @property
-    def passed(self) -> bool:
-        return self.status is not Status.FAIL
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "status": str(self.status),
-            "detail": self.detail,
-            "hint": self.hint,
-        }
-
-
-class Check(Protocol):
-    name: str
-
-    def run(self) -> CheckResult: ...
 
 
 class HostProbe:
@@ -146,28 +116,17 @@ class HostProbe:
         return reply[3]
 
 
-def _guard(name: str, fn: Callable[[], CheckResult]) -> CheckResult:
-    try:
-        return fn()
-    except DeployKitError as err:
-        return CheckResult(name, Status.FAIL, err.message, err.hint)
-
-
 @dataclass
 class DockerDaemonCheck:
     probe: HostProbe
     name: str = "docker daemon"
 
     def run(self) -> CheckResult:
-        def go() -> CheckResult:
-            info = self.probe.docker_info
-            return CheckResult(
-                self.name,
-                Status.OK,
-                f"Docker {info.get('ServerVersion', '?')} reachable ({info.get('Driver', '?')} storage)",
-            )
-
-        return _guard(self.name, go)
+        info = self.probe.docker_info
+        return ok(
+            self.name,
+            f"Docker {info.get('ServerVersion', '?')} reachable ({info.get('Driver', '?')} storage)",
+        )
 
 
 @dataclass
@@ -178,15 +137,14 @@ class ComposeCheck:
     def run(self) -> CheckResult:
         found = self.probe.compose_version()
         if found is None:
-            return CheckResult(
+            return failed(
                 self.name,
-                Status.FAIL,
                 "neither `docker compose` (v2) nor `docker-compose` (v1) works",
                 "install the compose plugin (apt: docker-compose-plugin) or docker-compose",
             )
         kind, version = found
         cmd = "docker compose" if kind == "v2" else "docker-compose"
-        return CheckResult(self.name, Status.OK, f"{cmd} {version} ({kind})")
+        return ok(self.name, f"{cmd} {version} ({kind})")
 
 
 @dataclass
@@ -195,27 +153,21 @@ class GpuRuntimeCheck:
     name: str = "NVIDIA runtime for Docker"
 
     def run(self) -> CheckResult:
-        def go() -> CheckResult:
-            info = self.probe.docker_info
-            runtimes = sorted((info.get("Runtimes") or {}).keys())
-            dirs = list(info.get("CDISpecDirs") or CDI_DIRS)
-            specs = [s for s in self.probe.cdi_specs(dirs) if "nvidia" in Path(s).name]
-            if "nvidia" in runtimes or specs:
-                how = ["runtime 'nvidia'"] if "nvidia" in runtimes else []
-                how += [f"CDI spec {s}" for s in specs]
-                return CheckResult(
-                    self.name, Status.OK, "Docker can hand GPUs to containers: " + ", ".join(how)
-                )
-            return CheckResult(
-                self.name,
-                Status.FAIL,
-                f"Docker has no NVIDIA runtime (runtimes: {', '.join(runtimes) or 'none'}) and no NVIDIA CDI "
-                f"spec in {', '.join(dirs)}",
-                "install the NVIDIA Container Toolkit, then `sudo nvidia-ctk runtime configure --runtime=docker "
-                "&& sudo systemctl restart docker` (or `sudo nvidia-ctk cdi generate --output=/etc/cdi/nvidia.yaml`)",
-            )
-
-        return _guard(self.name, go)
+        info = self.probe.docker_info
+        runtimes = sorted((info.get("Runtimes") or {}).keys())
+        dirs = list(info.get("CDISpecDirs") or CDI_DIRS)
+        specs = [s for s in self.probe.cdi_specs(dirs) if "nvidia" in Path(s).name]
+        if "nvidia" in runtimes or specs:
+            how = ["runtime 'nvidia'"] if "nvidia" in runtimes else []
+            how += [f"CDI spec {s}" for s in specs]
+            return ok(self.name, "Docker can hand GPUs to containers: " + ", ".join(how))
+        return failed(
+            self.name,
+            f"Docker has no NVIDIA runtime (runtimes: {', '.join(runtimes) or 'none'}) and no NVIDIA CDI "
+            f"spec in {', '.join(dirs)}",
+            "install the NVIDIA Container Toolkit, then `sudo nvidia-ctk runtime configure --runtime=docker "
+            "&& sudo systemctl restart docker` (or `sudo nvidia-ctk cdi generate --output=/etc/cdi/nvidia.yaml`)",
+        )
 
 
 @dataclass
@@ -224,25 +176,17 @@ class DriverCheck:
     name: str = "NVIDIA driver"
 
     def run(self) -> CheckResult:
-        def go() -> CheckResult:
-            inv = self.probe.inventory()
-            d = inv.driver
-            gpus = ", ".join(
-                f"{g.index}: {g.name} (CC {g.compute_capability:.1f})" for g in inv.gpus
-            )
-            problem = check_driver(d)
-            if problem:
-                return CheckResult(
-                    self.name, Status.FAIL, f"{problem.message}; GPUs: {gpus}", problem.hint
-                )
-            return CheckResult(
-                self.name,
-                Status.OK,
-                f"driver {d.driver_version} (CUDA {d.cuda_version}) runs {VLLM_IMAGE}:v{VLLM_VERSION} "
-                f"(CUDA {VLLM_IMAGE_CUDA}); GPUs: {gpus}",
-            )
-
-        return _guard(self.name, go)
+        inv = self.probe.inventory()
+        d = inv.driver
+        gpus = ", ".join(f"{g.index}: {g.name} (CC {g.compute_capability:.1f})" for g in inv.gpus)
+        problem = check_driver(d)
+        if problem:
+            return failed(self.name, f"{problem.message}; GPUs: {gpus}", problem.hint)
+        return ok(
+            self.name,
+            f"driver {d.driver_version} (CUDA {d.cuda_version}) runs {VLLM_IMAGE}:v{VLLM_VERSION} "
+            f"(CUDA {VLLM_IMAGE_CUDA}); GPUs: {gpus}",
+        )
 
 
 @dataclass
@@ -258,15 +202,12 @@ class DiskCheck:
         where, free = self.probe.free_disk(root)
         gib = free / 1024**3
         if gib < self.need_gib:
-            return CheckResult(
+            return failed(
                 self.name,
-                Status.FAIL,
                 f"{gib:.1f} GiB free on {where}; the images need ~{self.need_gib} GiB",
                 "free space (docker system prune) or move Docker's data-root to a larger disk",
             )
-        return CheckResult(
-            self.name, Status.OK, f"{gib:.1f} GiB free on {where} (need ~{self.need_gib} GiB)"
-        )
+        return ok(self.name, f"{gib:.1f} GiB free on {where} (need ~{self.need_gib} GiB)")
 
 
 @dataclass
@@ -275,34 +216,25 @@ class BrokerCheck:
     name: str = "MQTT broker"
 
     def run(self) -> CheckResult:
-        def go() -> CheckResult:
-            ports = self.probe.running_broker_ports()
-            if not ports:
-                return CheckResult(
-                    self.name, Status.SKIP, "no deploykit stack is up (no running broker container)"
+        ports = self.probe.running_broker_ports()
+        if not ports:
+            return skipped(self.name, "no deploykit stack is up (no running broker container)")
+        answers = []
+        for host, port in ports:
+            try:
+                rc = self.probe.mqtt_connack(host, port)
+            except OSError as err:
+                return failed(
+                    self.name,
+                    f"the broker container runs but {host}:{port} does not answer MQTT ({err})",
+                    f"see `deploykit logs broker`; is port {port} taken by another process?",
                 )
-            answers = []
-            for host, port in ports:
-                try:
-                    rc = self.probe.mqtt_connack(host, port)
-                except OSError as err:
-                    return CheckResult(
-                        self.name,
-                        Status.FAIL,
-                        f"the broker container runs but {host}:{port} does not answer MQTT ({err})",
-                        "see `deploykit logs broker`; is port 1883 taken by another process?",
-                    )
-                answers.append(
-                    f"{host}:{port} answers MQTT (CONNACK {rc}{', credentials required' if rc in (4, 5) else ''})"
-                )
-            return CheckResult(
-                self.name,
-                Status.OK,
-                "; ".join(answers)
-                + " (`deploykit health` checks accounts and the engine end to end)",
-            )
-
-        return _guard(self.name, go)
+            required = ", credentials required" if rc in (4, 5) else ""
+            answers.append(f"{host}:{port} answers MQTT (CONNACK {rc}{required})")
+        return ok(
+            self.name,
+            "; ".join(answers) + " (`deploykit health` checks accounts and the engine end to end)",
+        )
 
 
 def default_checks(probe: HostProbe | None = None, *, gpu: bool = True) -> list[Check]:
@@ -313,11 +245,6 @@ def default_checks(probe: HostProbe | None = None, *, gpu: bool = True) -> list[
         checks += [DriverCheck(p), GpuRuntimeCheck(p)]
     checks += [DiskCheck(p, DISK_GIB_CUDA if gpu else DISK_GIB_CPU), BrokerCheck(p)]
     return checks
-
-
-def run_checks(checks: Sequence[Check]) -> list[CheckResult]:
-    """Run every check; one that raises a DeployKitError counts as failed with that error's hint."""
-    return [_guard(c.name, c.run) for c in checks]
 
 
 def report_json(results: Sequence[CheckResult]) -> dict[str, Any]:

@@ -11,6 +11,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from deploykit.checks import Status as CheckStatus
+from deploykit.checks import run_checks
 from deploykit.devices import (
     GPU_SPEC_HELP,
     GpuInventory,
@@ -19,8 +21,7 @@ from deploykit.devices import (
     read_inventory,
     resolve_gpu_spec,
 )
-from deploykit.doctor import Status as CheckStatus
-from deploykit.doctor import default_checks, report_json, run_checks
+from deploykit.doctor import default_checks, report_json
 from deploykit.errors import CheckFailed, GpuError, ModelError
 from deploykit.plan import (
     DEFAULT_GPU_MEMORY_UTILIZATION,

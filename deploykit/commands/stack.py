@@ -252,7 +252,7 @@ def register(app: typer.Typer) -> None:
                 lambda: health.default_checks(target), timeout_s=timeout
             )
             waited = time.monotonic() - start
-            if not all(r.ok for r in results):
+            if not all(r.passed for r in results):
                 _print_checks(results)
                 raise health.failure(results, waited)
             _err.print(f"healthy {waited:.1f} s after up")
@@ -295,9 +295,9 @@ def register(app: typer.Typer) -> None:
         record = stack.load_stack(name, state_dir)
         target = health.StackTarget(record, Docker.connect(), project=project)
         results, waited = health.wait_healthy(lambda: health.default_checks(target), timeout_s=wait)
-        ok = all(r.ok for r in results)
+        ok = all(r.passed for r in results)
         if as_json:
-            print(json.dumps({"ok": ok, "checks": [r.to_json() for r in results]}, indent=2))
+            print(json.dumps(health.report_json(results), indent=2))
             if not ok:
                 raise typer.Exit(1)
             return
@@ -355,5 +355,5 @@ def _input_lines() -> Iterator[str]:
 def _print_checks(results: list[health.CheckResult]) -> None:
     table = Table("check", "ok", "detail")
     for r in results:
-        table.add_row(r.check, "[green]ok[/]" if r.ok else "[red]FAIL[/]", r.detail)
+        table.add_row(r.name, "[green]ok[/]" if r.passed else "[red]FAIL[/]", r.detail)
     _out.print(table)

@@ -1,5 +1,6 @@
-"""Health check building blocks: results, the check and clock protocols, the stack target,
-and running the checks layer by layer with an injectable clock."""
+"""Health check building blocks: the stack target, the clock protocol, and running the checks
+(``deploykit.checks``, the vocabulary ``deploykit doctor`` shares) layer by layer with an injectable
+clock."""
 
 from __future__ import annotations
 
@@ -9,26 +10,11 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from deploykit import mqttclient
+from deploykit.checks import Check, CheckResult, run_checks
 from deploykit.docker import Docker
-from deploykit.errors import CheckFailed, DeployKitError
+from deploykit.errors import CheckFailed
 from deploykit.secrets import SecretsFolder
 from deploykit.stack import COMPOSE_PROJECT_LABEL, COMPOSE_SERVICE_LABEL, StackRecord
-
-
-@dataclass(frozen=True)
-class CheckResult:
-    check: str
-    ok: bool
-    detail: str
-
-    def to_json(self) -> dict[str, Any]:
-        return {"check": self.check, "ok": self.ok, "detail": self.detail}
-
-
-class Check(Protocol):
-    name: str
-
-    def run(self) -> CheckResult: ...
 
 
 class Clock(Protocol):
@@ -78,30 +64,10 @@ class StackTarget:
         return found[0].name or found[0].id or service
 
 
-def ok(name: str, detail: str) -> CheckResult:
-    return CheckResult(name, True, detail)
-
-
-def fail(name: str, detail: str) -> CheckResult:
-    return CheckResult(name, False, detail)
-
-
-def run_checks(checks: Sequence[Check]) -> list[CheckResult]:
-    """Run in order; after the first failure the rest are reported as not run."""
-    results: list[CheckResult] = []
-    failed: str | None = None
-    for check in checks:
-        if failed is not None:
-            results.append(fail(check.name, f"not run: {failed} failed"))
-            continue
-        try:
-            result = check.run()
-        except DeployKitError as err:
-            result = fail(check.name, err.message)
-        results.append(result)
-        if not result.ok:
-            failed = check.name
-    return results
+def run_layers(checks: Sequence[Check]) -> list[CheckResult]:
+    """The stack's checks, bottom layer first: after the first failure the layers above it are
+    reported as failed without running (they could not pass)."""
+    return run_checks(checks, layered=True)
 
 
 def wait_healthy(
@@ -116,27 +82,35 @@ def wait_healthy(
     start = clock.monotonic()
     while True:
         current = checks() if callable(checks) else checks
-        results = run_checks(current)
+        results = run_layers(current)
         elapsed = clock.monotonic() - start
-        if all(r.ok for r in results) or elapsed >= timeout_s:
+        if all(r.passed for r in results) or elapsed >= timeout_s:
             return results, elapsed
         clock.sleep(min(pause_s, max(0.0, timeout_s - elapsed)))
 
 
 def failure(results: Sequence[CheckResult], waited_s: float | None = None) -> CheckFailed:
     """The error for a failed health run: names the first failed layer and what to look at."""
-    first = next(r for r in results if not r.ok)
+    first = next(r for r in results if not r.passed)
     waited = f" after {waited_s:.0f} s" if waited_s else ""
-    hints = {
-        "broker": "check `deploykit ps` and `deploykit logs broker`; is the MQTT port published?",
-        "engine-container": "see `deploykit logs engine` (a large model takes minutes to load)",
-        "engine-health": "see `deploykit logs engine`",
-        "engine-models": "the engine serves another model name; check --model/--served-model-name",
-        "engine-completion": "see `deploykit logs engine`; the engine cannot generate",
-        "bridge-status": "see `deploykit logs bridge`; the bridge is not connected to the broker",
-        "bridge-probe": "see `deploykit logs bridge`; the bridge does not answer through MQTT",
-    }
     return CheckFailed(
-        f"health check {first.check} failed{waited}: {first.detail}",
-        hints.get(first.check, "see `deploykit logs`"),
+        f"health check {first.name} failed{waited}: {first.detail}",
+        first.hint or "see `deploykit logs`",
     )
+
+
+def report_json(results: Sequence[CheckResult]) -> dict[str, Any]:
+    """``deploykit health --json``: each layer as ``check``/``ok`` (and its status, detail, hint)."""
+    return {
+        "ok": all(r.passed for r in results),
+        "checks": [
+            {
+                "check": r.name,
+                "ok": r.passed,
+                "status": str(r.status),
+                "detail": r.detail,
+                "hint": r.hint,
+            }
+            for r in results
+        ],
+    }

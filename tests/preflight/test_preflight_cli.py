@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from deploykit import doctor
+from deploykit import checks, doctor
 from deploykit.cli import main
 from deploykit.devices import GpuInventory, load_inventory
 from deploykit.errors import DeployKitError, DockerError, ExitCode, GpuError
@@ -306,8 +306,8 @@ def test_a_check_that_raises_becomes_a_failed_result() -> None:
         def compose_version(self) -> tuple[str, str] | None:
             raise DeployKitError("boom", "do this")
 
-    (result,) = doctor.run_checks([doctor.ComposeCheck(Boom())])
-    assert (result.status, result.detail, result.hint) == (doctor.Status.FAIL, "boom", "do this")
+    (result,) = checks.run_checks([doctor.ComposeCheck(Boom())])
+    assert (result.status, result.detail, result.hint) == (checks.Status.FAIL, "boom", "do this")
 
 
 # --- the real probe's edges -----------------------------------------------------------------------
@@ -349,10 +349,10 @@ def test_real_probe_reads_docker(tmp_path: Path) -> None:
     assert "Runtimes" in info
     # The probe's Docker and stack calls work (a broken import or signature would FAIL here).
     result = doctor.BrokerCheck(probe).run()
-    assert result.status is not doctor.Status.FAIL or "does not answer MQTT" in result.detail
+    assert result.status is not checks.Status.FAIL or "does not answer MQTT" in result.detail
     if shutil.which("docker-compose"):
         compose = doctor.ComposeCheck(probe).run()
-        assert compose.status is doctor.Status.OK and "docker" in compose.detail
+        assert compose.status is checks.Status.OK and "docker" in compose.detail
 
 
 @pytest.mark.skipif(_nvml_works(), reason="this machine has an NVIDIA driver")

@@ -10,6 +10,7 @@ import yaml
 
 from deploykit import build, devices, health, render, stack
 from deploykit.baseimages import MOSQUITTO_BASE, PYTHON_BASE, BaseKind
+from deploykit.checks import Status
 from deploykit.docker import explain
 from deploykit.errors import CheckFailed, GpuError, UnsupportedError, UsageError
 from deploykit.matrix import GpuClass, resolve_target
@@ -139,7 +140,9 @@ class FakeCheck:
     def run(self) -> health.CheckResult:
         ok = self.results[min(self.calls, len(self.results) - 1)]
         self.calls += 1
-        return health.CheckResult(self.name, ok, "fine" if ok else "broken")
+        return health.CheckResult(
+            self.name, Status.OK if ok else Status.FAIL, "fine" if ok else "broken"
+        )
 
 
 class FakeClock:
@@ -161,8 +164,8 @@ def test_a_failed_layer_stops_the_layers_above() -> None:
         FakeCheck("engine", [False]),
         FakeCheck("bridge", [True]),
     ]
-    results = health.run_checks(checks)
-    assert [(r.check, r.ok) for r in results] == [
+    results = health.run_layers(checks)
+    assert [(r.name, r.passed) for r in results] == [
         ("broker", True),
         ("engine", False),
         ("bridge", False),
@@ -177,7 +180,7 @@ def test_wait_healthy_times_out_on_the_injected_clock() -> None:
     results, waited = health.wait_healthy(
         [FakeCheck("engine", [False])], timeout_s=30, pause_s=2, clock=clock
     )
-    assert not results[0].ok and waited == 30
+    assert not results[0].passed and waited == 30
     assert sum(clock.slept) == 30 and len(clock.slept) == 15
 
 
@@ -185,7 +188,7 @@ def test_wait_healthy_returns_when_all_pass() -> None:
     clock = FakeClock()
     engine = FakeCheck("engine", [False, False, True])
     results, waited = health.wait_healthy([engine], timeout_s=60, pause_s=5, clock=clock)
-    assert results[0].ok and waited == 10 and engine.calls == 3
+    assert results[0].passed and waited == 10 and engine.calls == 3
 
 
 # --- docker errors and build plans --------------------------------------------------------------

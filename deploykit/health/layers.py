@@ -1,6 +1,7 @@
 """One class per layer of a running stack, bottom to top.
 
-The engine's port is on an internal network only, so engine checks run ``python3`` inside the
+Each layer says, in its ``hint``, what to look at when it fails; an error a layer raises is a failed
+result (``deploykit.checks.run_checks``). The engine's port is on an internal network only, so engine checks run ``python3`` inside the
 engine container (``docker exec``) against 127.0.0.1.
 """
 
@@ -12,8 +13,8 @@ import time
 from typing import Any
 
 from deploykit import mqttclient
-from deploykit.errors import DeployKitError
-from deploykit.health.base import Check, CheckResult, StackTarget, fail, ok
+from deploykit.checks import Check, CheckResult, failed, ok
+from deploykit.health.base import StackTarget
 
 ENGINE_PORT = 8000
 
@@ -22,17 +23,15 @@ class BrokerCheck:
     """The broker answers on its published port and accepts a project's credentials."""
 
     name = "broker"
+    hint = "check `deploykit ps` and `deploykit logs broker`; is the MQTT port published?"
 
     def __init__(self, target: StackTarget, timeout_s: float = 5.0) -> None:
         self.target, self.timeout_s = target, timeout_s
 
     def run(self) -> CheckResult:
-        try:
-            client = mqttclient.connect_client(
-                self.target.address, credentials=self.target.credentials(), timeout_s=self.timeout_s
-            )
-        except DeployKitError as err:
-            return fail(self.name, err.message)
+        client = mqttclient.connect_client(
+            self.target.address, credentials=self.target.credentials(), timeout_s=self.timeout_s
+        )
         client.disconnect()
         client.loop_stop()
         return ok(
@@ -45,23 +44,21 @@ class EngineContainerCheck:
     """Docker's HEALTHCHECK of the engine container says healthy."""
 
     name = "engine-container"
+    hint = "see `deploykit logs engine` (a large model takes minutes to load)"
 
     def __init__(self, target: StackTarget) -> None:
         self.target = target
 
     def run(self) -> CheckResult:
-        try:
-            name = self.target.container("engine")
-            state = self.target.docker.container_attrs(name).get("State", {})
-        except DeployKitError as err:
-            return fail(self.name, err.message)
+        name = self.target.container("engine")
+        state = self.target.docker.container_attrs(name).get("State", {})
         health = (state.get("Health") or {}).get("Status", "none")
         if not state.get("Running"):
-            return fail(
+            return failed(
                 self.name, f"{name} is {state.get('Status')} (exit {state.get('ExitCode')})"
             )
         if health != "healthy":
-            return fail(self.name, f"{name} is running, health {health}")
+            return failed(self.name, f"{name} is running, health {health}")
         return ok(self.name, f"{name} is healthy")
 
 
@@ -102,14 +99,12 @@ class EngineHealthCheck(_EngineHttp):
     """vLLM's /health answers 200 (the model is loaded)."""
 
     name = "engine-health"
+    hint = "see `deploykit logs engine`"
 
     def run(self) -> CheckResult:
-        try:
-            status, text = self.request("/health")
-        except DeployKitError as err:
-            return fail(self.name, err.message)
+        status, text = self.request("/health")
         if status != 200:
-            return fail(self.name, f"GET /health: {status or 'no answer'} {text[:200]}")
+            return failed(self.name, f"GET /health: {status or 'no answer'} {text[:200]}")
         return ok(self.name, "GET /health: 200")
 
 
@@ -117,18 +112,19 @@ class EngineModelsCheck(_EngineHttp):
     """/v1/models lists the served model."""
 
     name = "engine-models"
+    hint = "the engine serves another model name; check --model/--served-model-name"
 
     def run(self) -> CheckResult:
         want = self.target.record.served_model_name
+        status, text = self.request("/v1/models")
         try:
-            status, text = self.request("/v1/models")
             models = (
                 [m.get("id") for m in json.loads(text).get("data", [])] if status == 200 else []
             )
-        except (DeployKitError, ValueError) as err:
-            return fail(self.name, f"GET /v1/models: {err}")
+        except ValueError as err:
+            return failed(self.name, f"GET /v1/models: {err}")
         if want not in models:
-            return fail(self.name, f"GET /v1/models: {status}, {want!r} not in {models}")
+            return failed(self.name, f"GET /v1/models: {status}, {want!r} not in {models}")
         return ok(self.name, f"serves {want!r}")
 
 
@@ -136,17 +132,18 @@ class EngineCompletionCheck(_EngineHttp):
     """A 1-token completion works (a 200 from /health does not prove generation works)."""
 
     name = "engine-completion"
+    hint = "see `deploykit logs engine`; the engine cannot generate"
 
     def run(self) -> CheckResult:
         body = {"model": self.target.record.served_model_name, "prompt": "Hello", "max_tokens": 1}
         start = time.monotonic()
+        status, text = self.request("/v1/completions", body)
         try:
-            status, text = self.request("/v1/completions", body)
             choices = json.loads(text).get("choices", []) if status == 200 else []
-        except (DeployKitError, ValueError) as err:
-            return fail(self.name, f"POST /v1/completions: {err}")
+        except ValueError as err:
+            return failed(self.name, f"POST /v1/completions: {err}")
         if not choices:
-            return fail(self.name, f"POST /v1/completions: {status} {text[:200]}")
+            return failed(self.name, f"POST /v1/completions: {status} {text[:200]}")
         return ok(self.name, f"1-token completion in {time.monotonic() - start:.2f} s")
 
 
@@ -154,21 +151,19 @@ class BridgeStatusCheck:
     """The bridge's retained status topic says ``online``."""
 
     name = "bridge-status"
+    hint = "see `deploykit logs bridge`; the bridge is not connected to the broker"
 
     def __init__(self, target: StackTarget, timeout_s: float = 5.0) -> None:
         self.target, self.timeout_s = target, timeout_s
 
     def run(self) -> CheckResult:
         topic = mqttclient.STATUS_TOPIC.format(client_id=self.target.record.client_id)
-        try:
-            payload = _read_retained(self.target, topic, self.timeout_s)
-        except DeployKitError as err:
-            return fail(self.name, err.message)
+        payload = _read_retained(self.target, topic, self.timeout_s)
         if payload is None:
-            return fail(self.name, f"no retained status on {topic}")
+            return failed(self.name, f"no retained status on {topic}")
         state = _status_word(payload)
         if state != "online":
-            return fail(self.name, f"{topic}: {payload[:200]!r}")
+            return failed(self.name, f"{topic}: {payload[:200]!r}")
         return ok(self.name, f"{topic}: online")
 
 
@@ -207,30 +202,28 @@ class BridgeProbeCheck:
     """A probe request through MQTT is answered by the bridge (a 1-token completion behind it)."""
 
     name = "bridge-probe"
+    hint = "see `deploykit logs bridge`; the bridge does not answer through MQTT"
 
     def __init__(self, target: StackTarget, timeout_s: float = 20.0) -> None:
         self.target, self.timeout_s = target, timeout_s
 
     def run(self) -> CheckResult:
         start = time.monotonic()
-        try:
-            reply = mqttclient.request(
-                self.target.address,
-                self.target.project_name,
-                "",
-                credentials=self.target.credentials(),
-                timeout_s=self.timeout_s,
-                fields={"probe": True},
-            )
-        except DeployKitError as err:
-            return fail(self.name, err.message)
+        reply = mqttclient.request(
+            self.target.address,
+            self.target.project_name,
+            "",
+            credentials=self.target.credentials(),
+            timeout_s=self.timeout_s,
+            fields={"probe": True},
+        )
         try:
             envelope = reply.json()
         except ValueError:
-            return fail(self.name, f"reply is not JSON: {reply.text[:200]!r}")
+            return failed(self.name, f"reply is not JSON: {reply.text[:200]!r}")
         status = envelope.get("status") if isinstance(envelope, dict) else None
         if status != "ok":
-            return fail(self.name, f"probe answered {reply.text[:300]}")
+            return failed(self.name, f"probe answered {reply.text[:300]}")
         return ok(self.name, f"answered on {reply.topic} in {time.monotonic() - start:.2f} s")
 
 
