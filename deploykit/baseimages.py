@@ -26,6 +26,7 @@ from pathlib import Path
 from deploykit.docker import Docker
 from deploykit.errors import DeployKitError, DockerError
 from deploykit.matrix import BaseKind
+from deploykit.ports import MQTT_PORT
 
 ProgressFn = Callable[[str], None]
 
@@ -167,7 +168,7 @@ def _build_mosquitto_base(docker: Docker, progress: ProgressFn) -> None:
         MOSQUITTO_BASE,
         [
             *_ENV_CHANGES,
-            "EXPOSE 1883",
+            f"EXPOSE {MQTT_PORT}",
             'CMD ["/usr/sbin/mosquitto", "-c", "/etc/mosquitto/mosquitto.conf"]',
         ],
         progress=progress,

@@ -25,6 +25,7 @@ from deploykit.devices import GpuInventory, read_inventory
 from deploykit.errors import DeployKitError
 from deploykit.matrix import VLLM_IMAGE, VLLM_IMAGE_CU129_SUFFIX, VLLM_IMAGE_CUDA, VLLM_VERSION
 from deploykit.plan import check_driver
+from deploykit.ports import MQTT_PORT
 
 #: Free disk wanted for the images (Docker's root dir): the official vLLM CUDA image unpacks to
 #: ~20 GB and a build adds layers; the cpu engine image is 3.7 GB (docs/facts.md, "Disk").
@@ -57,7 +58,7 @@ class HostProbe:
             image = str(c.attrs.get("Config", {}).get("Image", ""))
             if c.status != "running" or not image.startswith("deploykit/broker"):
                 continue
-            for binding in (c.ports or {}).get("1883/tcp") or []:
+            for binding in (c.ports or {}).get(f"{MQTT_PORT}/tcp") or []:
                 host = binding.get("HostIp") or "127.0.0.1"
                 host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
                 found.append((host, int(binding["HostPort"])))

@@ -29,9 +29,7 @@ from paho.mqtt.properties import Properties
 
 from deploykit import names
 from deploykit.errors import CheckFailed, UsageError
-
-DEFAULT_PORT = 1883
-STATUS_TOPIC = names.STATUS_TOPIC
+from deploykit.ports import MQTT_PORT
 
 
 @dataclass(frozen=True)
@@ -39,7 +37,7 @@ class BrokerAddress:
     """Where a broker listens. Only plain TCP (``mqtt://``) is supported."""
 
     host: str
-    port: int = DEFAULT_PORT
+    port: int = MQTT_PORT
 
     def __str__(self) -> str:
         return f"mqtt://{self.host}:{self.port}"
@@ -70,7 +68,7 @@ def parse_broker_url(url: str) -> BrokerAddress:
     if not parts.hostname:
         raise UsageError(f"no host in broker URL {url!r}", hint="use mqtt://HOST:PORT")
     try:
-        port = parts.port or DEFAULT_PORT
+        port = parts.port or MQTT_PORT
     except ValueError as err:
         raise UsageError(f"bad port in broker URL {url!r}", hint="use mqtt://HOST:PORT") from err
     return BrokerAddress(parts.hostname, port)
@@ -224,7 +222,7 @@ def request(
     """
     session_id = session_id or f"req-{uuid.uuid4().hex[:12]}"
     request_id = uuid.uuid4().hex
-    reply_topic = f"{project}/assistant_response/{session_id}/{request_id[:8]}"
+    reply_topic = f"{names.default_reply_topic(project, session_id)}/{request_id[:8]}"
     payload: dict[str, Any] = {
         "sessionId": session_id,
         "message": message,
@@ -256,13 +254,15 @@ def request(
         props = Properties(PacketTypes.PUBLISH)
         props.ResponseTopic = reply_topic
         props.CorrelationData = correlation
-        info = client.publish(f"{project}/user_input", json.dumps(payload), qos=1, properties=props)
+        info = client.publish(
+            names.request_topic(project), json.dumps(payload), qos=1, properties=props
+        )
         deadline = time.monotonic() + timeout_s
         info.wait_for_publish(timeout_s)
         if not got.wait(max(0.0, deadline - time.monotonic())):
             raise CheckFailed(
                 f"no reply on {reply_topic} within {timeout_s:.0f} s",
-                hint="check that the bridge runs (deploykit/bridge/+/status) and the engine is up",
+                hint=f"check that the bridge runs ({names.status_topic('+')}) and the engine is up",
             )
         return reply[0]
     finally:

@@ -37,12 +37,10 @@ from deploykit.matrix import (
     methods_serving,
     supported_cells,
 )
+from deploykit.ports import BRIDGE_HTTP_PORT, BROKER_HEALTH_PORT, ENGINE_PORT, MQTT_PORT
 
 #: Unprivileged account every image drops to after reading its secrets.
 RUNTIME_UID = 10001
-ENGINE_PORT = 8000
-BRIDGE_HTTP_PORT = 9000
-MQTT_PORT = 1883
 SOURCE_URL = "https://github.com/deploykit/deploykit"
 UNQUANTIZED = CheckpointQuant(None, None)
 EXECUTABLE_SUFFIXES = (".sh", ".py")
@@ -323,6 +321,8 @@ def broker_image(version: str = __version__) -> ImageSpec:
     context: dict[str, object] = {
         "base_image": base[0],
         "mqtt_port": MQTT_PORT,
+        "health_port": BROKER_HEALTH_PORT,
+        "status_topics": names.status_topic("+"),
         "labels": _labels(
             "deploykit broker",
             "Mosquitto 2 with a password file, a per-project ACL and persistence",

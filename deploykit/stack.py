@@ -20,6 +20,7 @@ from deploykit import matrix, render
 from deploykit.errors import DockerError, GpuError, UnsupportedError, UsageError
 from deploykit.matrix import Cell, GpuClass
 from deploykit.plan import DEFAULT_GPU_MEMORY_UTILIZATION, gate
+from deploykit.ports import MQTT_PORT
 from deploykit.secrets import ensure_secrets
 
 DEFAULT_NAME = "deploykit"
@@ -142,7 +143,7 @@ def plan_up(
     name: str = DEFAULT_NAME,
     state_dir: Path = DEFAULT_STATE_DIR,
     secrets_dir: Path | None = None,
-    mqtt_port: int = render.MQTT_PORT,
+    mqtt_port: int = MQTT_PORT,
     image_version: str | None = None,
     inventory: Sequence[Any] | None = None,
     driver: Any | None = None,

@@ -15,6 +15,7 @@ from rich.table import Table
 from deploykit import baseimages, build, chat, health, matrix, plan, render, stack
 from deploykit.devices import GPU_SPEC_HELP
 from deploykit.docker import Docker
+from deploykit.ports import MQTT_PORT
 
 _err = Console(stderr=True, highlight=False)
 _out = Console(highlight=False)
@@ -171,7 +172,7 @@ def register(app: typer.Typer) -> None:
         projects: str = typer.Option("general", "--projects", help="Comma-separated projects."),
         wait: bool = typer.Option(False, "--wait", help="Wait until every health check passes."),
         timeout: float = typer.Option(600.0, "--timeout", help="Seconds --wait waits."),
-        mqtt_port: int = typer.Option(1883, "--mqtt-port", help="Host port of the broker."),
+        mqtt_port: int = typer.Option(MQTT_PORT, "--mqtt-port", help="Host port of the broker."),
         wheelhouse: Path | None = typer.Option(
             None, "--wheelhouse", help="Wheels for building missing images."
         ),

@@ -12,11 +12,10 @@ import threading
 import time
 from typing import Any
 
-from deploykit import mqttclient
+from deploykit import mqttclient, names
 from deploykit.checks import Check, CheckResult, failed, ok
 from deploykit.health.base import StackTarget
-
-ENGINE_PORT = 8000
+from deploykit.ports import ENGINE_PORT
 
 
 class BrokerCheck:
@@ -157,7 +156,7 @@ class BridgeStatusCheck:
         self.target, self.timeout_s = target, timeout_s
 
     def run(self) -> CheckResult:
-        topic = mqttclient.STATUS_TOPIC.format(client_id=self.target.record.client_id)
+        topic = names.status_topic(self.target.record.client_id)
         payload = _read_retained(self.target, topic, self.timeout_s)
         if payload is None:
             return failed(self.name, f"no retained status on {topic}")
