@@ -68,15 +68,16 @@ def ensure(
     docker: Docker,
     kind: BaseKind,
     *,
-    force: bool = False,
+    rebuild: bool = False,
     mirror: str = DEFAULT_MIRROR,
     progress: ProgressFn = print,
 ) -> BaseImageResult:
-    """Make sure the local base of ``kind`` exists, building it (and what it stands on) if not."""
+    """Make sure the local base of ``kind`` exists, building it (and what it stands on) if not, or
+    anew with ``rebuild``."""
     if kind is BaseKind.MOSQUITTO:
         ensure(docker, BaseKind.PYTHON, mirror=mirror, progress=progress)
     name = LOCAL_BASE[kind]
-    if not force and docker.image_exists(name):
+    if not rebuild and docker.image_exists(name):
         return BaseImageResult(name, built=False, seconds=0.0, size_bytes=docker.image_size(name))
     start = time.monotonic()
     if kind is BaseKind.PYTHON:
@@ -91,12 +92,12 @@ def ensure(
 def ensure_all(
     docker: Docker,
     *,
-    force: bool = False,
+    rebuild: bool = False,
     mirror: str = DEFAULT_MIRROR,
     progress: ProgressFn = print,
 ) -> list[BaseImageResult]:
     return [
-        ensure(docker, kind, force=force, mirror=mirror, progress=progress)
+        ensure(docker, kind, rebuild=rebuild, mirror=mirror, progress=progress)
         for kind in (BaseKind.PYTHON, BaseKind.MOSQUITTO)
     ]
 

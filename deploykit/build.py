@@ -232,10 +232,10 @@ def build_images(
     *,
     base_image: str | None = None,
     wheelhouse: Path | None = None,
-    force: bool = False,
+    rebuild: bool = False,
     progress: ProgressFn = print,
 ) -> list[Built]:
-    """Build every image (reusing those whose context digest is unchanged)."""
+    """Build every image, reusing those whose context digest is unchanged unless ``rebuild``."""
     if wheelhouse is not None and not wheelhouse.is_dir():
         raise UsageError(f"wheelhouse {wheelhouse} is not a folder", "pass a folder of .whl files")
     results = []
@@ -255,7 +255,7 @@ def build_images(
             base_id = str(docker.image_info(base).get("Id", base))
             digest = context_digest(context, base_id)
             if (
-                not force
+                not rebuild
                 and docker.image_exists(image.tag)
                 and (docker.image_labels(image.tag).get(DIGEST_LABEL) == digest)
             ):

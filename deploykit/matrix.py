@@ -403,7 +403,7 @@ def resolve_target(
     """Resolve a request to a supported cell, or raise an error that says why and what to use.
 
     With ``compute_capability`` (of the GPU that will run it), also checks that this GPU belongs to
-    the class and can run the method, and resolves the dtype (float16 below CC 8.0).
+    the class and can run the method, and resolves the dtype (float16 below CC 8.0): ``for_device``.
     """
     q = parse_quant(quant)
     c = parse_gpu_class(gpu_class)
@@ -423,6 +423,13 @@ def resolve_target(
         )
     if compute_capability is None:
         return cell
+    return for_device(cell, compute_capability)
+
+
+def for_device(cell: Cell, compute_capability: float) -> Cell:
+    """A resolved cell on a GPU of this compute capability: refused when the GPU cannot run it,
+    with the dtype resolved (float16 below CC 8.0)."""
+    q, c = cell.quant, cell.gpu_class
     if c is GpuClass.CPU:
         raise UsageError("a compute capability was given for the cpu class", "leave it out for cpu")
     actual = gpu_class_for(compute_capability)

@@ -18,7 +18,7 @@ from typing import Any
 
 from deploykit import matrix, render
 from deploykit.errors import DockerError, GpuError, UnsupportedError, UsageError
-from deploykit.matrix import Cell, GpuClass
+from deploykit.matrix import Cell, GpuClass, Quant
 from deploykit.plan import DEFAULT_GPU_MEMORY_UTILIZATION, gate
 from deploykit.ports import MQTT_PORT
 from deploykit.secrets import ensure_secrets
@@ -133,87 +133,66 @@ class StackPlan:
         return render.served_model_name(self.cell, self.options)
 
 
+@dataclass(frozen=True)
+class UpRequest:
+    """What ``deploykit up`` asks for, as given; :func:`plan_up` resolves it once into a plan."""
+
+    quant: Quant | str = Quant.NONE
+    gpus: str | None = None  # devices.GPU_SPEC_HELP; None: GPU 0, or the cpu stack without GPUs
+    gpu_class: GpuClass | str | None = None  # None: the pinned GPUs' class
+    model: str | None = None  # a Hub id or a local checkpoint folder; None: the cell's default
+    projects: Sequence[str] = ("general",)
+    name: str = DEFAULT_NAME
+    state_dir: Path = DEFAULT_STATE_DIR
+    secrets_dir: Path | None = None  # None: <state_dir>/<name>/secrets
+    mqtt_port: int = MQTT_PORT
+    image_version: str | None = None
+    max_model_len: int | None = None
+    gpu_memory_utilization: float | None = None
+    kv_cache_dtype: str | None = None
+    reasoning_parser: str | None = None
+    bridge_config: Path | None = None
+    #: Go ahead although the pre-flight gate refuses (its refusals become warnings): ``--force``.
+    force: bool = False
+
+
 def plan_up(
+    request: UpRequest,
     *,
-    quant: str = "none",
-    gpus: str | None = None,
-    gpu_class: str | None = None,
-    model: str | None = None,
-    projects: Sequence[str] = ("general",),
-    name: str = DEFAULT_NAME,
-    state_dir: Path = DEFAULT_STATE_DIR,
-    secrets_dir: Path | None = None,
-    mqtt_port: int = MQTT_PORT,
-    image_version: str | None = None,
     inventory: Sequence[Any] | None = None,
     driver: Any | None = None,
-    max_model_len: int | None = None,
-    gpu_memory_utilization: float | None = None,
-    kv_cache_dtype: str | None = None,
-    reasoning_parser: str | None = None,
-    bridge_config: Path | None = None,
-    force: bool = False,
     warn: Callable[[str], None] = lambda message: None,
 ) -> StackPlan:
     """Resolve what ``deploykit up`` asks for, and run the pre-flight gate (deploykit.plan.gate).
 
-    The gate refuses a method the pinned GPUs cannot run, a driver too old for the image, MIG, a
-    local checkpoint that does not match the method, and a model that does not fit; ``force`` turns
-    its refusals into warnings (given to ``warn``). ``inventory``/``driver`` default to this host's.
+    The method and the image's cell are resolved once, here. The gate refuses a method the pinned
+    GPUs cannot run, a driver too old for the image, MIG, a local checkpoint that does not match the
+    method, and a model that does not fit; ``request.force`` turns its refusals into warnings (given
+    to ``warn``). ``inventory``/``driver`` default to this host's.
     """
-    q = matrix.parse_quant(quant)
+    q = matrix.parse_quant(request.quant)
     if inventory is None:
         host = host_inventory()
         inventory = list(host.gpus) if host is not None else []
         driver = driver if driver is not None else (host.driver if host is not None else None)
-    pinned: PinnedGpus | None = None
-    if gpu_class is not None and matrix.parse_gpu_class(gpu_class) is GpuClass.CPU:
-        cls = GpuClass.CPU
-    elif gpus is not None:
-        pinned = resolve_gpus(gpus, inventory)
-        if pinned.compute_capability is not None:
-            cls = matrix.gpu_class_for(pinned.compute_capability)
-            if gpu_class is not None and matrix.parse_gpu_class(gpu_class) != cls:
-                raise UnsupportedError(
-                    f"--gpu-class {gpu_class} was asked for, but the pinned GPUs "
-                    f"({', '.join(pinned.names)}) are of class {cls}",
-                    f"leave out --gpu-class, or pass --gpu-class {cls}",
-                )
-        elif gpu_class is None:
-            raise GpuError(
-                f"--gpus {gpus}: NVML is not available, so the GPUs' class is unknown",
-                "pass --gpu-class cuda-fp8 (compute capability >= 8.9) or --gpu-class cuda",
-            )
-        else:
-            cls = matrix.parse_gpu_class(gpu_class)
-    else:
-        if inventory:
-            # GPUs found but none named: the first one (by NVML index), tensor parallel 1.
-            pinned = resolve_gpus("0", inventory)
-            cls = matrix.gpu_class_for(pinned.compute_capability or 0.0)
-        elif gpu_class is not None and matrix.parse_gpu_class(gpu_class) is not GpuClass.CPU:
-            raise GpuError(
-                f"--gpu-class {gpu_class} needs GPUs, and none were found (NVML not available)",
-                "pass --gpus with GPU indices or UUIDs, or run the cpu stack (leave out --gpu-class)",
-            )
-        else:
-            cls = GpuClass.CPU
+    cls, pinned = _image_class(request, inventory)
     cell = matrix.resolve_target(q, cls)  # the image; the GPUs themselves are the gate's
+    model = request.model
     local_model = (
         Path(model).expanduser().resolve() if model and Path(model).expanduser().is_dir() else None
     )
     result = gate(
-        q,
-        gpu_class=cls,
+        cell,
         gpus=pinned.gpus if pinned is not None else (),
         driver=driver,
         model=local_model or model or (None if cls is GpuClass.CPU else cell.default_model),
-        max_model_len=max_model_len,
-        kv_cache_dtype=kv_cache_dtype,
-        gpu_memory_utilization=gpu_memory_utilization or DEFAULT_GPU_MEMORY_UTILIZATION,
+        max_model_len=request.max_model_len,
+        kv_cache_dtype=request.kv_cache_dtype,
+        gpu_memory_utilization=request.gpu_memory_utilization or DEFAULT_GPU_MEMORY_UTILIZATION,
         tensor_parallel_size=len(pinned.device_ids) if pinned is not None else None,
-        force=force,
+        force=request.force,
     )
+    bridge_config = request.bridge_config
     if bridge_config is not None:
         from deploykit.bridge.config import load_config
 
@@ -223,25 +202,61 @@ def plan_up(
         warn(f"--force: going ahead although {message}")
     for note in result.notes:
         warn(note)
-    folder = (state_dir / name).resolve()
-    secrets = (secrets_dir or folder / "secrets").resolve()
+    folder = (request.state_dir / request.name).resolve()
+    secrets = (request.secrets_dir or folder / "secrets").resolve()
     options = render.StackOptions(
         gpu_ids=pinned.device_ids if pinned is not None else ("0",),
         # a local checkpoint folder is mounted read-only at /models/<its name>
         model=f"/models/{local_model.name}" if local_model else model,
         served_model_name=local_model.name if local_model else None,
         models_dir=str(local_model.parent) if local_model else None,
-        max_model_len=max_model_len,
-        gpu_memory_utilization=gpu_memory_utilization,
-        kv_cache_dtype=kv_cache_dtype,
-        reasoning_parser=reasoning_parser,
+        max_model_len=request.max_model_len,
+        gpu_memory_utilization=request.gpu_memory_utilization,
+        kv_cache_dtype=request.kv_cache_dtype,
+        reasoning_parser=request.reasoning_parser,
         bridge_config=str(bridge_config) if bridge_config else None,
-        projects=tuple(projects),
-        mqtt_port=mqtt_port,
+        projects=tuple(request.projects),
+        mqtt_port=request.mqtt_port,
         secrets_dir=str(secrets),
-        image_version=image_version or render.StackOptions().image_version,
+        image_version=request.image_version or render.StackOptions().image_version,
     )
-    return StackPlan(name, cell, options, state_dir.resolve())
+    return StackPlan(request.name, cell, options, request.state_dir.resolve())
+
+
+def _image_class(
+    request: UpRequest, inventory: Sequence[Any]
+) -> tuple[GpuClass, PinnedGpus | None]:
+    """The GPU class of the image to run, and the GPUs it is pinned to (None for cpu)."""
+    gpu_class = matrix.parse_gpu_class(request.gpu_class) if request.gpu_class else None
+    if gpu_class is GpuClass.CPU:
+        return GpuClass.CPU, None
+    if request.gpus is not None:
+        pinned = resolve_gpus(request.gpus, inventory)
+        if pinned.compute_capability is not None:
+            cls = matrix.gpu_class_for(pinned.compute_capability)
+            if gpu_class is not None and gpu_class != cls:
+                raise UnsupportedError(
+                    f"--gpu-class {gpu_class} was asked for, but the pinned GPUs "
+                    f"({', '.join(pinned.names)}) are of class {cls}",
+                    f"leave out --gpu-class, or pass --gpu-class {cls}",
+                )
+            return cls, pinned
+        if gpu_class is None:
+            raise GpuError(
+                f"--gpus {request.gpus}: NVML is not available, so the GPUs' class is unknown",
+                "pass --gpu-class cuda-fp8 (compute capability >= 8.9) or --gpu-class cuda",
+            )
+        return gpu_class, pinned
+    if inventory:
+        # GPUs found but none named: the first one (by NVML index), tensor parallel 1.
+        pinned = resolve_gpus("0", inventory)
+        return matrix.gpu_class_for(pinned.compute_capability or 0.0), pinned
+    if gpu_class is not None:
+        raise GpuError(
+            f"--gpu-class {gpu_class} needs GPUs, and none were found (NVML not available)",
+            "pass --gpus with GPU indices or UUIDs, or run the cpu stack (leave out --gpu-class)",
+        )
+    return GpuClass.CPU, None
 
 
 def write_stack(plan: StackPlan) -> Path:

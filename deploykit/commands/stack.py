@@ -62,28 +62,21 @@ def _warn(message: str) -> None:
     _err.print(f"[bold yellow]warning:[/] {message}", highlight=False)
 
 
-def _cells(
-    quant: str | None, gpu_class: str | None, all_cells: bool, force: bool = False
-) -> list[matrix.Cell]:
-    """The cells to build. For this host's GPUs (no --gpu-class), the pre-flight gate runs first."""
+def _cells(quant: str, gpu_class: str | None, all_cells: bool, force: bool) -> list[matrix.Cell]:
+    """The cells to build, each resolved once. For this host's GPUs (no --gpu-class), the
+    pre-flight gate runs first; ``force`` turns its refusals into warnings."""
     if all_cells:
         return list(matrix.supported_cells())
     if gpu_class is not None:
-        return [matrix.resolve_target(quant or "none", gpu_class)]  # built for another host
+        return [matrix.resolve_target(quant, gpu_class)]  # built for another host
     inventory = stack.host_inventory()
     if inventory is None or not inventory.gpus:
-        return [matrix.resolve_target(quant or "none", "cpu")]
-    cls = matrix.gpu_class_for(inventory.gpus[0].compute_capability)
-    result = plan.gate(
-        quant or "none",
-        gpu_class=cls,
-        gpus=inventory.gpus[:1],
-        driver=inventory.driver,
-        force=force,
-    )
+        return [matrix.resolve_target(quant, matrix.GpuClass.CPU)]
+    cell = matrix.resolve_target(quant, matrix.gpu_class_for(inventory.gpus[0].compute_capability))
+    result = plan.gate(cell, gpus=inventory.gpus[:1], driver=inventory.driver, force=force)
     for message in result.warnings:
         _warn(f"--force: building although {message}")
-    return [matrix.resolve_target(quant or "none", cls)]
+    return [cell]
 
 
 def _build(
@@ -91,7 +84,8 @@ def _build(
     cells: list[matrix.Cell],
     base_image: str | None,
     wheelhouse: Path | None,
-    force: bool = False,
+    *,
+    rebuild: bool = False,
     image_version: str | None = None,
 ) -> list[build.Built]:
     images = render.stack_images(cells, *([image_version] if image_version else []))
@@ -104,7 +98,7 @@ def _build(
             images,
             base_image=base_image,
             wheelhouse=wheelhouse,
-            force=force,
+            rebuild=rebuild,
             progress=progress,
         )
 
@@ -114,13 +108,15 @@ def register(app: typer.Typer) -> None:
 
     @app.command("base-images")
     def base_images_cmd(
-        force: bool = typer.Option(False, "--force", help="Rebuild even if they exist."),
+        rebuild: bool = typer.Option(False, "--force", help="Rebuild even if they exist."),
         mirror: str = typer.Option(baseimages.DEFAULT_MIRROR, "--mirror", help="Debian mirror."),
     ) -> None:
         """Build local Debian base images (for machines that cannot pull the official ones)."""
         docker = Docker.connect()
         with _Progress(_err) as progress:
-            results = baseimages.ensure_all(docker, force=force, mirror=mirror, progress=progress)
+            results = baseimages.ensure_all(
+                docker, rebuild=rebuild, mirror=mirror, progress=progress
+            )
         for r in results:
             what = f"built in {r.seconds:.0f} s" if r.built else "already there"
             _out.print(f"{r.name}: {what}, {_gib(r.size_bytes)}")
@@ -147,7 +143,7 @@ def register(app: typer.Typer) -> None:
         """Build the engine, bridge and broker images (for this host's GPU class by default)."""
         cells = _cells(quant, gpu_class, all_cells, force)
         docker = Docker.connect()
-        results = _build(docker, cells, base_image, wheelhouse, rebuild)
+        results = _build(docker, cells, base_image, wheelhouse, rebuild=rebuild)
         if as_json:
             print(json.dumps([r.__dict__ for r in results], indent=2))
             return
@@ -177,7 +173,7 @@ def register(app: typer.Typer) -> None:
             None, "--wheelhouse", help="Wheels for building missing images."
         ),
         base_image: str | None = typer.Option(None, "--base-image", help="For missing images."),
-        rebuild: bool = typer.Option(
+        build_first: bool = typer.Option(
             False, "--build", help="Rebuild images whose templates or code changed."
         ),
         name: str = NAME,
@@ -216,12 +212,12 @@ def register(app: typer.Typer) -> None:
 
         A local --model folder is mounted read-only into the engine and checked first.
         """
-        request = stack.plan_up(
+        request = stack.UpRequest(
             quant=quant,
             gpus=gpus,
             gpu_class=gpu_class,
             model=model,
-            projects=[p.strip() for p in projects.split(",") if p.strip()],
+            projects=tuple(p.strip() for p in projects.split(",") if p.strip()),
             name=name,
             state_dir=state_dir,
             secrets_dir=secrets_dir,
@@ -232,19 +228,20 @@ def register(app: typer.Typer) -> None:
             reasoning_parser=reasoning_parser,
             bridge_config=bridge_config,
             force=force,
-            warn=_warn,
         )
+        planned = stack.plan_up(request, warn=_warn)
         docker = Docker.connect()
-        images = render.stack_images([request.cell], request.options.image_version)
-        if rebuild or not all(docker.image_exists(i.tag) for i in images):
-            _err.print("building the stack's images" if rebuild else "building missing images")
-            _build(docker, [request.cell], base_image, wheelhouse)
+        images = render.stack_images([planned.cell], planned.options.image_version)
+        if build_first or not all(docker.image_exists(i.tag) for i in images):
+            # up-to-date images are reused (same context digest); --build never forces a rebuild
+            _err.print("building the stack's images" if build_first else "building missing images")
+            _build(docker, [planned.cell], base_image, wheelhouse)
         start = time.monotonic()
-        compose_file = stack.up(request)
+        compose_file = stack.up(planned)
         _err.print(
-            f"stack {name!r} up: {request.cell.quant} on {request.cell.gpu_class}, "
-            f"GPUs {','.join(request.options.gpu_ids) if request.cell.gpu_class != 'cpu' else 'none'}, "
-            f"MQTT on port {request.options.mqtt_port} ({compose_file})"
+            f"stack {name!r} up: {planned.cell.quant} on {planned.cell.gpu_class}, "
+            f"GPUs {','.join(planned.options.gpu_ids) if planned.cell.gpu_class != 'cpu' else 'none'}, "
+            f"MQTT on port {planned.options.mqtt_port} ({compose_file})"
         )
         if wait:
             record = stack.load_stack(name, state_dir)

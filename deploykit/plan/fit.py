@@ -28,6 +28,7 @@ from deploykit.errors import DeployKitError, GpuError, UnsupportedError, UsageEr
 from deploykit.matrix import (
     METHODS,
     VLLM_VERSION,
+    Cell,
     GpuClass,
     Quant,
     gpu_class_for,
@@ -142,8 +143,14 @@ def evaluate(
     kv_dtype: str = "auto",
     max_model_len: int | None = None,
     gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION,
+    *,
+    cell: Cell | None = None,
 ) -> Profile:
-    """Fit one profile on the first ``tp`` of ``gpus``."""
+    """Fit one profile on the first ``tp`` of ``gpus``.
+
+    ``cell``: the method already resolved for these GPUs and checked against the checkpoint (what
+    the gate has done; ``matrix.for_device``); without it, both happen here.
+    """
     wanted = max_model_len or model.max_position_embeddings
     base: dict[str, Any] = {"max_model_len": wanted}
     use = list(gpus[:tp])
@@ -154,12 +161,13 @@ def evaluate(
 
     if len(use) < tp:
         return no(f"needs {tp} GPUs, {len(gpus)} selected")
-    try:
-        check_checkpoint(quant, model)
-        cc = min(g.compute_capability for g in use)
-        cell = resolve_target(quant, gpu_class_of(use), cc)
-    except DeployKitError as err:
-        return no(err.message)
+    if cell is None:
+        try:
+            check_checkpoint(quant, model)
+            cc = min(g.compute_capability for g in use)
+            cell = resolve_target(quant, gpu_class_of(use), cc)
+        except DeployKitError as err:
+            return no(err.message)
     if model.num_attention_heads % tp or (model.num_kv_heads % tp and tp % model.num_kv_heads):
         return no(
             f"{model.num_attention_heads} attention / {model.num_kv_heads} KV heads do not split over {tp} GPUs"

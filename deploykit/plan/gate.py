@@ -13,9 +13,12 @@ from deploykit.matrix import (
     VLLM_IMAGE_CU129_SUFFIX,
     VLLM_IMAGE_CUDA,
     VLLM_VERSION,
+    Cell,
     GpuClass,
     Quant,
+    for_device,
     gpu_class_for,
+    parse_gpu_class,
     parse_quant,
     resolve_target,
 )
@@ -36,6 +39,8 @@ class GateResult:
     """What the gate found. ``problems`` are refusals; with ``force`` they come back as warnings."""
 
     problems: list[DeployKitError] = field(default_factory=list)
+    #: The image's cell the gate checked (None when the method/class could not be resolved).
+    cell: Cell | None = None
     profile: Profile | None = None
     forced: bool = False
     #: What was not checked, and why (e.g. a model given as a Hub id, not a local directory).
@@ -63,7 +68,7 @@ def check_driver(driver: DriverInfo) -> DeployKitError | None:
 
 
 def gate(
-    quant: Quant | str,
+    target: Cell | Quant | str,
     *,
     gpu_class: GpuClass | str | None = None,
     gpus: Sequence[GpuInfo] = (),
@@ -77,38 +82,47 @@ def gate(
 ) -> GateResult:
     """Refuse what cannot work before anything is built or started; ``force`` turns refusals into warnings.
 
-    Checks what it is given: the method on the GPUs' compute capability and class (``gpu_class`` is the
-    image's class; default: the GPUs' own), MIG, the driver against the image's CUDA, the checkpoint
-    against the method, and the memory fit at ``max_model_len`` (default: the model's maximum) with
-    ``tensor_parallel_size`` (default: all selected GPUs). Without GPUs (building for another host,
-    or the cpu class) only the method/class and the checkpoint are checked.
+    ``target`` is the image's cell, resolved once by the command that runs the gate (``up``,
+    ``build``), or a method resolved here for ``gpu_class`` (default: the GPUs' own class).
+
+    Checks what it is given: the method on the GPUs' compute capability and class, MIG, the driver
+    against the image's CUDA, the checkpoint against the method, and the memory fit at
+    ``max_model_len`` (default: the model's maximum) with ``tensor_parallel_size`` (default: all
+    selected GPUs). Without GPUs (building for another host, or the cpu class) only the method/class
+    and the checkpoint are checked.
 
     ``model`` may be a :class:`ModelInfo`, a local model directory, or a Hub id (not checked; see
     ``notes``). Raises the first refusal (others appended) unless ``force``; returns the result then.
     """
     result = GateResult(forced=force)
-    q = parse_quant(quant)
+    q = target.quant if isinstance(target, Cell) else parse_quant(target)
+    cell: Cell | None = None
+    gpus_fit = False  # the method and class run on every selected GPU
     try:
-        cls = (
-            GpuClass(str(gpu_class))
-            if gpu_class
-            else (gpu_class_of(gpus) if gpus else GpuClass.CUDA)
-        )
-        resolve_target(q, cls)
-        if gpus and cls is not GpuClass.CPU:
+        if isinstance(target, Cell):
+            cell = target
+        else:
+            cls = (
+                parse_gpu_class(gpu_class)
+                if gpu_class
+                else (gpu_class_of(gpus) if gpus else GpuClass.CUDA)
+            )
+            cell = resolve_target(q, cls)
+        if gpus and cell.gpu_class is not GpuClass.CPU:
             for g in gpus:
                 actual = gpu_class_for(g.compute_capability)
-                if actual is not cls:
+                if actual is not cell.gpu_class:
                     raise UnsupportedError(
                         f"GPU {g.index} ({g.name}, CC {g.compute_capability:.1f}) is class {actual}, "
-                        f"not {cls}",
+                        f"not {cell.gpu_class}",
                         f"use --gpu-class {actual} for this GPU",
                     )
-                resolve_target(q, cls, g.compute_capability)
+                for_device(cell, g.compute_capability)
+        gpus_fit = True
     except DeployKitError as err:
         result.problems.append(err)
-        cls = None
-    on_gpu = bool(gpus) and cls is not GpuClass.CPU
+    result.cell = cell
+    on_gpu = bool(gpus) and (cell is None or cell.gpu_class is not GpuClass.CPU)
     if on_gpu and driver is not None:
         problem = check_driver(driver)
         if problem:
@@ -140,10 +154,14 @@ def gate(
         except ModelError as err:
             result.problems.append(err)
         else:
-            if on_gpu and cls is not None and not any(g.mig_mode for g in gpus):
+            if on_gpu and cell is not None and gpus_fit and not any(g.mig_mode for g in gpus):
                 tp = tensor_parallel_size or len(gpus)
-                kv = kv_cache_dtype or _engine_kv(q, cls)
-                p = evaluate(info, q, gpus, tp, kv, max_model_len, gpu_memory_utilization)
+                kv = kv_cache_dtype or _engine_kv(cell)
+                # the cell on the GPUs that serve it (float16 below compute capability 8.0)
+                served = for_device(cell, min(g.compute_capability for g in gpus[:tp]))
+                p = evaluate(
+                    info, q, gpus, tp, kv, max_model_len, gpu_memory_utilization, cell=served
+                )
                 result.profile = p
                 if p.status is not Status.COMPATIBLE:
                     hint = (
@@ -166,8 +184,8 @@ def gate(
     return result
 
 
-def _engine_kv(quant: Quant, gpu_class: GpuClass) -> str:
-    cell = resolve_target(quant, gpu_class)
+def _engine_kv(cell: Cell) -> str:
+    """The KV-cache dtype the cell's engine image sets, else vLLM's ``auto``."""
     if "--kv-cache-dtype" in cell.vllm_args:
         return cell.vllm_args[cell.vllm_args.index("--kv-cache-dtype") + 1]
     return "auto"

@@ -12,7 +12,7 @@ import pytest
 
 from deploykit.devices import GIB, DriverInfo, GpuInventory
 from deploykit.errors import GpuError, ModelError, UnsupportedError, UsageError
-from deploykit.matrix import GpuClass, Quant
+from deploykit.matrix import GpuClass, Quant, resolve_target
 from deploykit.plan import (
     DEFAULT_GPU_MEMORY_UTILIZATION,
     Status,
@@ -291,6 +291,16 @@ def test_gate_fp8_on_recorded_h100_passes(make_model: MakeModel, h100: GpuInvent
     result = gate("fp8", gpus=h100.gpus, driver=h100.driver, model=make_model(QWEN25_7B))
     assert result.ok and result.profile is not None
     assert result.profile.kv_cache_dtype == "fp8"  # the cuda-fp8 engine sets --kv-cache-dtype fp8
+
+
+def test_gate_takes_the_cell_the_command_resolved(h100: GpuInventory) -> None:
+    cell = resolve_target("fp8", "cuda-fp8")
+    by_cell = gate(cell, gpus=h100.gpus, driver=h100.driver)
+    assert by_cell.ok and by_cell.cell is cell
+    by_name = gate("fp8", gpus=h100.gpus, driver=h100.driver)
+    assert by_name.cell == cell and by_name.profile == by_cell.profile
+    with pytest.raises(UnsupportedError, match="class cuda-fp8, not cuda"):
+        gate(resolve_target("fp8", "cuda"), gpus=h100.gpus)
 
 
 def test_gate_every_method_that_fits_runs_on_h100(h100: GpuInventory) -> None:

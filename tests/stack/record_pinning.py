@@ -61,7 +61,7 @@ def main(out: Path, name: str) -> int:
     ups = {}
     for spec, want in specs.items():
         with tempfile.TemporaryDirectory() as tmp:
-            plan = stack.plan_up(quant="fp8", gpus=spec, state_dir=Path(tmp))
+            plan = stack.plan_up(stack.UpRequest(quant="fp8", gpus=spec, state_dir=Path(tmp)))
             engine = yaml.safe_load(render.render_compose(plan.cell, plan.options))["services"][
                 "engine"
             ]

@@ -43,10 +43,7 @@ def test_up_refuses_a_checkpoint_that_is_not_what_the_method_needs(tmp_path: Pat
     model = checkpoint(tmp_path)
     with pytest.raises(ModelError) as err:
         stack.plan_up(
-            quant="awq",
-            gpus="0",
-            model=str(model),
-            state_dir=tmp_path,
+            stack.UpRequest(quant="awq", gpus="0", model=str(model), state_dir=tmp_path),
             inventory=inv.gpus,
             driver=inv.driver,
         )
@@ -59,13 +56,9 @@ def test_force_turns_the_refusal_into_a_warning_and_mounts_the_checkpoint(tmp_pa
     model = checkpoint(tmp_path)
     warnings: list[str] = []
     plan = stack.plan_up(
-        quant="awq",
-        gpus="0",
-        model=str(model),
-        state_dir=tmp_path,
+        stack.UpRequest(quant="awq", gpus="0", model=str(model), state_dir=tmp_path, force=True),
         inventory=inv.gpus,
         driver=inv.driver,
-        force=True,
         warn=warnings.append,
     )
     assert any(w.startswith("--force: going ahead although") for w in warnings)
@@ -79,10 +72,7 @@ def test_force_turns_the_refusal_into_a_warning_and_mounts_the_checkpoint(tmp_pa
 def test_up_fits_a_bf16_8b_model_on_the_recorded_h100(tmp_path: Path) -> None:
     inv = devices.load_inventory(DATA / "h100-nvml.json")
     plan = stack.plan_up(
-        quant="fp8",
-        gpus="0",
-        model=str(checkpoint(tmp_path)),
-        state_dir=tmp_path,
+        stack.UpRequest(quant="fp8", gpus="0", model=str(checkpoint(tmp_path)), state_dir=tmp_path),
         inventory=inv.gpus,
         driver=inv.driver,
     )
@@ -93,7 +83,9 @@ def test_up_refuses_a_driver_too_old_for_the_image(tmp_path: Path) -> None:
     inv = devices.load_inventory(DATA / "a100-written.json")  # written: R570, CUDA 12.8
     with pytest.raises(GpuError) as err:
         stack.plan_up(
-            quant="fp8", gpus="0", state_dir=tmp_path, inventory=inv.gpus, driver=inv.driver
+            stack.UpRequest(quant="fp8", gpus="0", state_dir=tmp_path),
+            inventory=inv.gpus,
+            driver=inv.driver,
         )
     assert "-cu129" in (err.value.hint or "")
 
@@ -111,7 +103,9 @@ def test_up_pins_what_was_recorded_on_two_real_h100s(tmp_path: Path) -> None:
     assert set(ups) == {"0", "1", "0,1"}
     for spec, want in ups.items():
         plan = stack.plan_up(
-            quant="fp8", gpus=spec, state_dir=tmp_path, inventory=inv.gpus, driver=inv.driver
+            stack.UpRequest(quant="fp8", gpus=spec, state_dir=tmp_path),
+            inventory=inv.gpus,
+            driver=inv.driver,
         )
         engine = yaml.safe_load(render_compose(plan.cell, plan.options))["services"]["engine"]
         assert (
@@ -127,16 +121,18 @@ def test_up_options_reach_the_engine_and_the_bridge(tmp_path: Path) -> None:
     config = tmp_path / "bridge.yaml"
     config.write_text("projects:\n  maze:\n    system_prompt: You guide a player through a maze.\n")
     plan = stack.plan_up(
-        quant="fp8",
-        gpus="0",
-        model=str(checkpoint(tmp_path)),
-        state_dir=tmp_path,
+        stack.UpRequest(
+            quant="fp8",
+            gpus="0",
+            model=str(checkpoint(tmp_path)),
+            state_dir=tmp_path,
+            max_model_len=4096,
+            gpu_memory_utilization=0.8,
+            reasoning_parser="deepseek_r1",
+            bridge_config=config,
+        ),
         inventory=inv.gpus,
         driver=inv.driver,
-        max_model_len=4096,
-        gpu_memory_utilization=0.8,
-        reasoning_parser="deepseek_r1",
-        bridge_config=config,
     )
     services = yaml.safe_load(render_compose(plan.cell, plan.options))["services"]
     cmd = services["engine"]["command"]
@@ -153,7 +149,7 @@ def test_a_bad_bridge_config_is_refused_before_anything_starts(tmp_path: Path) -
     config = tmp_path / "bridge.yaml"
     config.write_text("defaults:\n  default_max_tokens: lots\n")
     with pytest.raises(UsageError, match="default_max_tokens"):
-        stack.plan_up(state_dir=tmp_path, inventory=[], bridge_config=config)
+        stack.plan_up(stack.UpRequest(state_dir=tmp_path, bridge_config=config), inventory=[])
 
 
 def test_a_context_too_long_for_the_gpu_is_refused_with_the_length_that_fits(
@@ -164,23 +160,19 @@ def test_a_context_too_long_for_the_gpu_is_refused_with_the_length_that_fits(
     model = checkpoint(tmp_path, max_position_embeddings=1048576)
     with pytest.raises(ModelError) as err:
         stack.plan_up(
-            quant="none",
-            gpus="0",
-            model=str(model),
-            state_dir=tmp_path,
+            stack.UpRequest(
+                quant="none", gpus="0", model=str(model), state_dir=tmp_path, max_model_len=1048576
+            ),
             inventory=inv.gpus,
             driver=inv.driver,
-            max_model_len=1048576,
         )
     assert err.value.hint is not None and err.value.hint.startswith("use --max-model-len ")
     fits = int(err.value.hint.removeprefix("use --max-model-len "))
     assert 100_000 < fits < 1048576
     stack.plan_up(
-        quant="none",
-        gpus="0",
-        model=str(model),
-        state_dir=tmp_path,
+        stack.UpRequest(
+            quant="none", gpus="0", model=str(model), state_dir=tmp_path, max_model_len=fits
+        ),
         inventory=inv.gpus,
         driver=inv.driver,
-        max_model_len=fits,
     )

@@ -63,13 +63,15 @@ def test_engine_container_gets_exactly_the_pinned_gpus(
 ) -> None:
     inventory = four_h100 if with_nvml else []
     plan = stack.plan_up(
-        quant="fp8",
-        gpus=spec,
-        gpu_class="cuda-fp8",
-        name=f"dkpin{len(spec)}{int(with_nvml)}{compose_version}",
-        state_dir=tmp_path,
-        image_version=VERSION,
-        mqtt_port=0,
+        stack.UpRequest(
+            quant="fp8",
+            gpus=spec,
+            gpu_class="cuda-fp8",
+            name=f"dkpin{len(spec)}{int(with_nvml)}{compose_version}",
+            state_dir=tmp_path,
+            image_version=VERSION,
+            mqtt_port=0,
+        ),
         inventory=inventory,
     )
     indices = [int(i) for i in spec.split(",")]
@@ -101,13 +103,15 @@ def test_down_keeps_data_only_when_asked(
     docker_api: Docker, stand_in_image: str, tmp_path: Path
 ) -> None:
     plan = stack.plan_up(
-        quant="fp8",
-        gpus="0",
-        gpu_class="cuda-fp8",
-        name="dkkeep",
-        state_dir=tmp_path,
-        image_version=VERSION,
-        mqtt_port=0,
+        stack.UpRequest(
+            quant="fp8",
+            gpus="0",
+            gpu_class="cuda-fp8",
+            name="dkkeep",
+            state_dir=tmp_path,
+            image_version=VERSION,
+            mqtt_port=0,
+        ),
         inventory=[],
     )
     label = {stack.COMPOSE_PROJECT_LABEL: plan.name}

@@ -82,7 +82,9 @@ def _compose(plan: stack.StackPlan) -> dict:
 def test_up_plan_pins_gpus_and_sets_tensor_parallel(
     four_h100: list[devices.GpuInfo], tmp_path: Path
 ) -> None:
-    plan = stack.plan_up(quant="fp8", gpus="1,3", state_dir=tmp_path, inventory=four_h100)
+    plan = stack.plan_up(
+        stack.UpRequest(quant="fp8", gpus="1,3", state_dir=tmp_path), inventory=four_h100
+    )
     assert plan.cell.gpu_class is GpuClass.CUDA_FP8
     engine = _compose(plan)["services"]["engine"]
     devices_ = engine["deploy"]["resources"]["reservations"]["devices"]
@@ -99,7 +101,7 @@ def test_up_plan_pins_gpus_and_sets_tensor_parallel(
 
 
 def test_up_without_gpus_is_the_cpu_stack(tmp_path: Path) -> None:
-    plan = stack.plan_up(state_dir=tmp_path, inventory=[])
+    plan = stack.plan_up(stack.UpRequest(state_dir=tmp_path), inventory=[])
     assert plan.cell.gpu_class is GpuClass.CPU
     assert plan.served_model_name == "demo"
     assert "deploy" not in _compose(plan)["services"]["engine"]
@@ -108,18 +110,21 @@ def test_up_without_gpus_is_the_cpu_stack(tmp_path: Path) -> None:
 def test_up_refuses_what_the_pinned_gpus_cannot_run(tmp_path: Path) -> None:
     v100 = devices.load_inventory(DATA / "v100-written.json").gpus
     with pytest.raises(UnsupportedError, match="compute capability 7"):
-        stack.plan_up(quant="awq", gpus="0", state_dir=tmp_path, inventory=v100)
+        stack.plan_up(stack.UpRequest(quant="awq", gpus="0", state_dir=tmp_path), inventory=v100)
     with pytest.raises(GpuError, match="NVML is not available"):
-        stack.plan_up(quant="fp8", gpus="0", state_dir=tmp_path, inventory=[])
+        stack.plan_up(stack.UpRequest(quant="fp8", gpus="0", state_dir=tmp_path), inventory=[])
     with pytest.raises(UsageError, match="unknown quantization"):
-        stack.plan_up(quant="int3", state_dir=tmp_path, inventory=[])
+        stack.plan_up(stack.UpRequest(quant="int3", state_dir=tmp_path), inventory=[])
     with pytest.raises(UnsupportedError):
-        stack.plan_up(quant="awq", gpu_class="cpu", state_dir=tmp_path, inventory=[])
+        stack.plan_up(
+            stack.UpRequest(quant="awq", gpu_class="cpu", state_dir=tmp_path), inventory=[]
+        )
 
 
 def test_written_stack_is_found_again(tmp_path: Path) -> None:
     plan = stack.plan_up(
-        projects=["general", "maze"], state_dir=tmp_path, mqtt_port=18999, inventory=[]
+        stack.UpRequest(projects=["general", "maze"], state_dir=tmp_path, mqtt_port=18999),
+        inventory=[],
     )
     stack.write_stack(plan)
     record = stack.load_stack(state_dir=tmp_path)
