@@ -18,14 +18,25 @@ from deploykit.health.base import StackTarget
 from deploykit.ports import ENGINE_PORT
 
 
-class BrokerCheck:
+class Layer:
+    """A layer's check: its name, what to look at when it fails, and the stack it looks at."""
+
+    name: str
+    hint: str
+    #: How long one attempt may wait (an MQTT answer, an HTTP request inside the engine container).
+    timeout_s: float = 5.0
+
+    def __init__(self, target: StackTarget, timeout_s: float | None = None) -> None:
+        self.target = target
+        if timeout_s is not None:
+            self.timeout_s = timeout_s
+
+
+class BrokerCheck(Layer):
     """The broker answers on its published port and accepts a project's credentials."""
 
     name = "broker"
     hint = "check `deploykit ps` and `deploykit logs broker`; is the MQTT port published?"
-
-    def __init__(self, target: StackTarget, timeout_s: float = 5.0) -> None:
-        self.target, self.timeout_s = target, timeout_s
 
     def run(self) -> CheckResult:
         client = mqttclient.connect_client(
@@ -39,14 +50,11 @@ class BrokerCheck:
         )
 
 
-class EngineContainerCheck:
+class EngineContainerCheck(Layer):
     """Docker's HEALTHCHECK of the engine container says healthy."""
 
     name = "engine-container"
     hint = "see `deploykit logs engine` (a large model takes minutes to load)"
-
-    def __init__(self, target: StackTarget) -> None:
-        self.target = target
 
     def run(self) -> CheckResult:
         name = self.target.container("engine")
@@ -76,11 +84,8 @@ except Exception as e:
 """
 
 
-class _EngineHttp:
-    name = "engine-http"
-
-    def __init__(self, target: StackTarget, timeout_s: float = 20.0) -> None:
-        self.target, self.timeout_s = target, timeout_s
+class _EngineHttp(Layer):
+    timeout_s = 20.0
 
     def request(self, path: str, body: dict[str, Any] | None = None) -> tuple[int, str]:
         cmd = ["python3", "-c", _HTTP_SCRIPT, f"http://127.0.0.1:{ENGINE_PORT}{path}"]
@@ -146,14 +151,11 @@ class EngineCompletionCheck(_EngineHttp):
         return ok(self.name, f"1-token completion in {time.monotonic() - start:.2f} s")
 
 
-class BridgeStatusCheck:
+class BridgeStatusCheck(Layer):
     """The bridge's retained status topic says ``online``."""
 
     name = "bridge-status"
     hint = "see `deploykit logs bridge`; the bridge is not connected to the broker"
-
-    def __init__(self, target: StackTarget, timeout_s: float = 5.0) -> None:
-        self.target, self.timeout_s = target, timeout_s
 
     def run(self) -> CheckResult:
         topic = names.status_topic(self.target.record.client_id)
@@ -197,14 +199,12 @@ def _read_retained(target: StackTarget, topic: str, timeout_s: float) -> str | N
     return box[0] if box else None
 
 
-class BridgeProbeCheck:
+class BridgeProbeCheck(Layer):
     """A probe request through MQTT is answered by the bridge (a 1-token completion behind it)."""
 
     name = "bridge-probe"
     hint = "see `deploykit logs bridge`; the bridge does not answer through MQTT"
-
-    def __init__(self, target: StackTarget, timeout_s: float = 20.0) -> None:
-        self.target, self.timeout_s = target, timeout_s
+    timeout_s = 20.0
 
     def run(self) -> CheckResult:
         start = time.monotonic()
