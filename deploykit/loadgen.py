@@ -26,7 +26,8 @@ import aiohttp
 import orjson
 import paho.mqtt.client as mqtt
 
-from deploykit.mqttclient import BrokerAddress, Credentials, make_client
+from deploykit import names
+from deploykit.mqttclient import BrokerAddress, Credentials, make_client, use_tls
 from deploykit.mqttloop import AsyncMqtt, publish_properties
 
 DEFAULT_PROMPT = (
@@ -261,6 +262,7 @@ class MqttLoad:
         for _ in range(self.n_clients):
             tag = uuid.uuid4().hex[:8]
             client = make_client(f"loadgen-{tag}", credentials=self.credentials)
+            use_tls(client, self.address)
             client.max_inflight_messages_set(1000)
             connected: asyncio.Future[bool] = loop.create_future()
             req = _Requester(loop, f"{self.project}/loadgen/{tag}")
@@ -295,7 +297,7 @@ class MqttLoad:
         props = publish_properties(response_topic=req.reply_topic, correlation=corr)
         t0 = time.perf_counter()
         try:
-            req.mq.publish(f"{self.project}/user_input", payload, properties=props)
+            req.mq.publish(names.request_topic(self.project), payload, properties=props)
             raw = await asyncio.wait_for(future, self.timeout_s)
         except TimeoutError:
             return Sample(time.perf_counter() - t0, error="no_reply")
@@ -361,6 +363,7 @@ async def clear_sessions(
     loop = asyncio.get_running_loop()
     for cid in client_ids:
         client = make_client(cid, credentials=credentials)
+        use_tls(client, address)
         connected: asyncio.Future[bool] = loop.create_future()
         mq = AsyncMqtt(
             loop,

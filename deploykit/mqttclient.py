@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import socket
+import ssl
 import threading
 import time
 import uuid
@@ -29,18 +30,21 @@ from paho.mqtt.properties import Properties
 
 from deploykit import names
 from deploykit.errors import CheckFailed, UsageError
-from deploykit.ports import MQTT_PORT
+from deploykit.ports import MQTT_PORT, MQTT_TLS_PORT
 
 
 @dataclass(frozen=True)
 class BrokerAddress:
-    """Where a broker listens. Only plain TCP (``mqtt://``) is supported."""
+    """Where a broker listens: plain TCP (``mqtt://``) or TLS (``mqtts://``, verified against the
+    system's CAs or ``ca_file``)."""
 
     host: str
     port: int = MQTT_PORT
+    tls: bool = False
+    ca_file: str | None = None
 
     def __str__(self) -> str:
-        return f"mqtt://{self.host}:{self.port}"
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
 
 
 @dataclass(frozen=True)
@@ -49,17 +53,19 @@ class Credentials:
     password: str | None = field(default=None, repr=False)
 
 
-def parse_broker_url(url: str) -> BrokerAddress:
-    """Parse ``mqtt://HOST[:PORT]`` (also a bare ``HOST[:PORT]``)."""
+def parse_broker_url(url: str, ca_file: str | Path | None = None) -> BrokerAddress:
+    """Parse ``mqtt://HOST[:PORT]`` (also a bare ``HOST[:PORT]``) or ``mqtts://HOST[:PORT]``
+    (TLS, port 8883 by default; ``ca_file`` verifies a certificate no system CA signed)."""
     text = url.strip()
     if "://" not in text:
         text = "mqtt://" + text
     parts = urlsplit(text)
-    if parts.scheme not in ("mqtt", "tcp"):
+    if parts.scheme not in ("mqtt", "tcp", "mqtts", "ssl"):
         raise UsageError(
             f"unsupported broker URL scheme {parts.scheme!r} in {url!r}",
-            hint="use mqtt://HOST:PORT (TLS is not supported yet)",
+            hint="use mqtt://HOST:PORT, or mqtts://HOST:PORT for TLS",
         )
+    tls = parts.scheme in ("mqtts", "ssl")
     if parts.username or parts.password:
         raise UsageError(
             "the broker URL must not carry credentials",
@@ -68,10 +74,18 @@ def parse_broker_url(url: str) -> BrokerAddress:
     if not parts.hostname:
         raise UsageError(f"no host in broker URL {url!r}", hint="use mqtt://HOST:PORT")
     try:
-        port = parts.port or MQTT_PORT
+        port = parts.port or (MQTT_TLS_PORT if tls else MQTT_PORT)
     except ValueError as err:
         raise UsageError(f"bad port in broker URL {url!r}", hint="use mqtt://HOST:PORT") from err
-    return BrokerAddress(parts.hostname, port)
+    if ca_file is not None and not Path(ca_file).is_file():
+        raise UsageError(f"the CA file {ca_file} does not exist", "pass the PEM file's path")
+    return BrokerAddress(parts.hostname, port, tls, str(ca_file) if ca_file else None)
+
+
+def use_tls(client: mqtt.Client, address: BrokerAddress) -> None:
+    """Make ``client`` speak TLS when the address says so (certificate and host name verified)."""
+    if address.tls:
+        client.tls_set(ca_certs=address.ca_file)
 
 
 def read_secret(path: str | Path, what: str) -> str:
@@ -151,6 +165,7 @@ def connect_client(
 ) -> mqtt.Client:
     """Connect a client and start its network loop; raise ``CheckFailed`` when it cannot connect."""
     client = make_client(client_id, credentials=credentials)
+    use_tls(client, address)
     connected = threading.Event()
     result: dict[str, Any] = {}
 
@@ -167,7 +182,7 @@ def connect_client(
             clean_start=clean_start,
             properties=connect_properties(session_expiry_s),
         )
-    except OSError as err:
+    except (OSError, ssl.SSLError) as err:
         raise CheckFailed(
             f"cannot reach the MQTT broker at {address}: {err}",
             hint="check that the broker runs and the address is right",

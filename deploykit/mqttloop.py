@@ -71,6 +71,7 @@ class AsyncMqtt:
         self._misc: asyncio.TimerHandle | None = None
         self._lost = asyncio.Event()
         self._loop_thread = threading.get_ident()
+        self._prior_socket_open = client.on_socket_open  # e.g. mqttclient's TCP_NODELAY
         client.on_socket_open = self._socket_open
         client.on_socket_close = self._socket_close
         client.on_socket_register_write = self._register_write
@@ -148,7 +149,9 @@ class AsyncMqtt:
         else:
             self.loop.call_soon_threadsafe(fn, *args)
 
-    def _socket_open(self, _c: mqtt.Client, _u: Any, sock: Any) -> None:
+    def _socket_open(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+        if self._prior_socket_open is not None:
+            self._prior_socket_open(client, userdata, sock)
         self._in_loop(self._watch, sock)
 
     def _watch(self, sock: Any) -> None:

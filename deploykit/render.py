@@ -37,7 +37,13 @@ from deploykit.matrix import (
     methods_serving,
     supported_cells,
 )
-from deploykit.ports import BRIDGE_HTTP_PORT, BROKER_HEALTH_PORT, ENGINE_PORT, MQTT_PORT
+from deploykit.ports import (
+    BRIDGE_HTTP_PORT,
+    BROKER_HEALTH_PORT,
+    ENGINE_PORT,
+    MQTT_PORT,
+    MQTT_TLS_PORT,
+)
 
 #: Unprivileged account every image drops to after reading its secrets.
 RUNTIME_UID = 10001
@@ -95,7 +101,10 @@ class StackOptions:
     models_dir: str | None = None  # host folder mounted read-only at /models
     bridge_config: str | None = None  # host file mounted as the bridge's config
     image_version: str = __version__
-    client_id: str = "deploykit-bridge-1"
+    #: The bridge's public name (its status topic); its MQTT client id is a secret.
+    bridge_name: str = "bridge-1"
+    #: Host port of the broker's TLS listener (None: no TLS listener).
+    mqtt_tls_port: int | None = None
 
     def __post_init__(self) -> None:
         names.check_project_names(self.projects)
@@ -321,6 +330,7 @@ def broker_image(version: str = __version__) -> ImageSpec:
     context: dict[str, object] = {
         "base_image": base[0],
         "mqtt_port": MQTT_PORT,
+        "tls_port": MQTT_TLS_PORT,
         "health_port": BROKER_HEALTH_PORT,
         "status_topics": names.status_topic("+"),
         "labels": _labels(
@@ -401,6 +411,8 @@ def render_compose(cell: Cell, options: StackOptions | None = None) -> str:
         engine_port=ENGINE_PORT,
         bridge_http_port=BRIDGE_HTTP_PORT,
         mqtt_port=MQTT_PORT,
+        mqtt_tls_port=MQTT_TLS_PORT,
+        runtime_uid=RUNTIME_UID,
         deploykit_version=__version__,
     )
 

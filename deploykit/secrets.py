@@ -6,7 +6,14 @@ on a command line or baked into an image:
 - ``mqtt_users``: plaintext ``user:password`` lines the broker hashes at start;
 - ``mqtt_bridge_username``, ``mqtt_bridge_password``: the bridge's account;
 - ``mqtt_client_<project>_password``: one client account per project (username = project name);
-- ``hf_token``: a Hugging Face token for gated models (empty unless you put one there).
+- ``bridge_client_id``: the bridge's MQTT client id; its sessions are ``<id>-<project>``. Secret
+  because stock Mosquitto lets any account connect with any client id and take that session over;
+- ``bridge_share_group``: the shared-subscription group of the bridge's replicas (secret: an account
+  that knows it can subscribe to ``$share/<group>/...`` and take part of the requests);
+- ``engine_api_key``: the engine's OpenAI API key (``VLLM_API_KEY``), for the bridge and health;
+- ``hf_token``: a Hugging Face token for gated models (empty unless you put one there);
+- ``mqtt_tls_cert``, ``mqtt_tls_key``: copies of the certificate and key of the broker's TLS
+  listener, when ``up`` was given them.
 
 Existing files are kept (so passwords stay stable across ``up``); a new project gets a new account.
 """
@@ -49,6 +56,26 @@ class SecretsFolder:
     def hf_token_file(self) -> Path:
         return self.path / "hf_token"
 
+    @property
+    def bridge_client_id_file(self) -> Path:
+        return self.path / "bridge_client_id"
+
+    @property
+    def bridge_share_group_file(self) -> Path:
+        return self.path / "bridge_share_group"
+
+    @property
+    def engine_api_key_file(self) -> Path:
+        return self.path / "engine_api_key"
+
+    @property
+    def tls_cert_file(self) -> Path:
+        return self.path / "mqtt_tls_cert"
+
+    @property
+    def tls_key_file(self) -> Path:
+        return self.path / "mqtt_tls_key"
+
     def client_password_file(self, project: str) -> Path:
         return self.path / f"mqtt_client_{project}_password"
 
@@ -73,6 +100,11 @@ def _new_password() -> str:
     return _random.token_urlsafe(24)
 
 
+def _new_id() -> str:
+    """A secret that also is a valid MQTT client id or share group: hex only."""
+    return "dk" + _random.token_hex(16)
+
+
 def _write_private(path: Path, text: str) -> None:
     """Create or replace a file that only its owner can read, without a readable moment."""
     tmp = path.with_name(f".{path.name}.tmp")
@@ -89,6 +121,26 @@ def _read_or_create(path: Path, make: str) -> str:
         return path.read_text().strip()
     _write_private(path, make + "\n")
     return make
+
+
+def copy_tls(folder: SecretsFolder, cert: Path, key: Path) -> None:
+    """Copy the broker's TLS certificate and key into the secrets folder (owner-only)."""
+    for src, dst, what in (
+        (cert, folder.tls_cert_file, "certificate"),
+        (key, folder.tls_key_file, "key"),
+    ):
+        try:
+            text = src.read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UsageError(
+                f"cannot read the TLS {what} {src}: {getattr(exc, 'strerror', None) or exc}",
+                "pass PEM files: --mqtt-tls-cert CERT.pem --mqtt-tls-key KEY.pem",
+            ) from exc
+        if "-----BEGIN" not in text:
+            raise UsageError(
+                f"the TLS {what} {src} is not a PEM file", "pass PEM files (-----BEGIN ...)"
+            )
+        _write_private(dst, text)
 
 
 def ensure_secrets(folder: Path, projects: Sequence[str]) -> SecretsFolder:
@@ -113,6 +165,9 @@ def ensure_secrets(folder: Path, projects: Sequence[str]) -> SecretsFolder:
         users_file = folder / "mqtt_users"
         if not users_file.is_file() or users_file.read_text() != users:
             _write_private(users_file, users)
+        _read_or_create(folder / "bridge_client_id", _new_id())
+        _read_or_create(folder / "bridge_share_group", _new_id())
+        _read_or_create(folder / "engine_api_key", _new_password())
         hf_token = folder / "hf_token"
         if not hf_token.is_file():
             _write_private(hf_token, "")  # empty: no token (gated models need one here)

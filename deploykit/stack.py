@@ -20,8 +20,8 @@ from deploykit import matrix, render
 from deploykit.errors import DockerError, GpuError, UnsupportedError, UsageError
 from deploykit.matrix import Cell, GpuClass, Quant
 from deploykit.plan import DEFAULT_GPU_MEMORY_UTILIZATION, gate
-from deploykit.ports import MQTT_PORT
-from deploykit.secrets import ensure_secrets
+from deploykit.ports import MQTT_PORT, MQTT_TLS_PORT
+from deploykit.secrets import copy_tls, ensure_secrets
 
 DEFAULT_NAME = "deploykit"
 DEFAULT_STATE_DIR = Path(".deploykit")
@@ -119,6 +119,8 @@ class StackPlan:
     cell: Cell
     options: render.StackOptions
     state_dir: Path
+    #: The certificate and key of the broker's TLS listener, copied into the secrets folder by up.
+    tls_files: tuple[Path, Path] | None = None
 
     @property
     def folder(self) -> Path:
@@ -152,6 +154,10 @@ class UpRequest:
     kv_cache_dtype: str | None = None
     reasoning_parser: str | None = None
     bridge_config: Path | None = None
+    #: A TLS listener for the broker: PEM certificate and key, and the host port to publish it on.
+    mqtt_tls_cert: Path | None = None
+    mqtt_tls_key: Path | None = None
+    mqtt_tls_port: int = MQTT_TLS_PORT
     #: Go ahead although the pre-flight gate refuses (its refusals become warnings): ``--force``.
     force: bool = False
 
@@ -171,6 +177,7 @@ def plan_up(
     to ``warn``). ``inventory``/``driver`` default to this host's.
     """
     q = matrix.parse_quant(request.quant)
+    tls = _tls_files(request)
     if inventory is None:
         host = host_inventory()
         inventory = list(host.gpus) if host is not None else []
@@ -219,8 +226,30 @@ def plan_up(
         mqtt_port=request.mqtt_port,
         secrets_dir=str(secrets),
         image_version=request.image_version or render.StackOptions().image_version,
+        mqtt_tls_port=request.mqtt_tls_port if tls else None,
     )
-    return StackPlan(request.name, cell, options, request.state_dir.resolve())
+    return StackPlan(request.name, cell, options, request.state_dir.resolve(), tls)
+
+
+def _tls_files(request: UpRequest) -> tuple[Path, Path] | None:
+    """The TLS certificate and key, both given and readable, or neither."""
+    cert, key = request.mqtt_tls_cert, request.mqtt_tls_key
+    if cert is None and key is None:
+        return None
+    if cert is None or key is None:
+        raise UsageError(
+            "a TLS listener needs both a certificate and its key",
+            "pass --mqtt-tls-cert CERT.pem and --mqtt-tls-key KEY.pem",
+        )
+    for path, what in ((cert, "certificate"), (key, "key")):
+        if not path.expanduser().is_file():
+            raise UsageError(f"the TLS {what} {path} does not exist", "pass the PEM file's path")
+    if request.mqtt_tls_port == request.mqtt_port:
+        raise UsageError(
+            f"--mqtt-tls-port {request.mqtt_tls_port} is the plain MQTT port too",
+            "pick another port for TLS (8883 is usual)",
+        )
+    return cert.expanduser().resolve(), key.expanduser().resolve()
 
 
 def _image_class(
@@ -288,7 +317,7 @@ class StackRecord:
     projects: tuple[str, ...]
     mqtt_port: int
     secrets_dir: Path
-    client_id: str
+    bridge_name: str
 
     @property
     def compose_file(self) -> Path:
@@ -314,7 +343,7 @@ def load_stack(name: str = DEFAULT_NAME, state_dir: Path = DEFAULT_STATE_DIR) ->
         projects=tuple(opts["projects"]),
         mqtt_port=int(opts["mqtt_port"]),
         secrets_dir=Path(opts["secrets_dir"]),
-        client_id=opts["client_id"],
+        bridge_name=opts.get("bridge_name") or opts.get("client_id", "bridge-1"),
     )
 
 
@@ -349,7 +378,9 @@ def up(plan: StackPlan, *, start: bool = True, services: Sequence[str] = ()) -> 
 
     ``start=False`` creates the containers without starting them (``up --no-start``).
     """
-    ensure_secrets(Path(plan.options.secrets_dir), plan.options.projects)
+    folder = ensure_secrets(Path(plan.options.secrets_dir), plan.options.projects)
+    if plan.tls_files is not None:
+        copy_tls(folder, *plan.tls_files)
     compose_file = write_stack(plan)
     args = ["up", "-d", "--remove-orphans"] if start else ["up", "--no-start"]
     try:

@@ -50,6 +50,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from deploykit import names
 from deploykit.errors import UsageError
+from deploykit.ports import ENGINE_PORT, MQTT_PORT
 
 ENV_PREFIX = "DEPLOYKIT_"
 
@@ -131,8 +132,8 @@ class Settings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    broker: str = "mqtt://localhost:1883"
-    engine: str = "http://localhost:8000"
+    broker: str = f"mqtt://localhost:{MQTT_PORT}"
+    engine: str = f"http://localhost:{ENGINE_PORT}"
     projects: list[str] = Field(default_factory=lambda: ["general"])
     config_file: Path | None = None
     client_id: str = "deploykit-bridge-1"

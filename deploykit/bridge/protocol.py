@@ -1,7 +1,7 @@
 """The MQTT protocol: request parsing and validation, reply topics, reply payloads. Pure: bytes in,
 objects out; no I/O.
 
-Requests arrive on ``{project}/user_input`` as JSON (see DESIGN.md). Replies go to the MQTT 5
+Requests arrive on ``{project}/user_input`` as JSON (see docs/design.md). Replies go to the MQTT 5
 Response Topic, else ``replyTopic``, else ``{project}/assistant_response/{sessionId}``: plain text
 by default (legacy clients), or a JSON envelope when the request says ``"format": "json"``. Errors are
 always sent as the JSON envelope (``status: "error"`` and an error code), so they can never be

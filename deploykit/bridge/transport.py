@@ -27,7 +27,13 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from deploykit import names
-from deploykit.mqttclient import BrokerAddress, Credentials, connect_properties, make_client
+from deploykit.mqttclient import (
+    BrokerAddress,
+    Credentials,
+    connect_properties,
+    make_client,
+    use_tls,
+)
 from deploykit.mqttloop import AsyncMqtt
 
 log = logging.getLogger("deploykit.bridge")
@@ -62,6 +68,7 @@ class ProjectSession:
         self._inbound: dict[int, str] = {}
         self.redelivered = 0
         client = make_client(client_id, credentials=credentials, manual_ack=True)
+        use_tls(client, address)
         # paho holds replies beyond this window and sends them as PUBACKs come back
         client.max_inflight_messages_set(max(20, receive_maximum))
         client.max_queued_messages_set(0)  # replies are never dropped by paho
@@ -160,6 +167,7 @@ class StatusSession:
     ) -> None:
         self.topic = names.status_topic(name)
         client = make_client(client_id, credentials=credentials)
+        use_tls(client, address)
         client.will_set(self.topic, "offline", qos=1, retain=True)
         self.mqtt = AsyncMqtt(
             loop,

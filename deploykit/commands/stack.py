@@ -15,7 +15,7 @@ from rich.table import Table
 from deploykit import baseimages, build, chat, health, matrix, plan, render, stack
 from deploykit.devices import GPU_SPEC_HELP
 from deploykit.docker import Docker
-from deploykit.ports import MQTT_PORT
+from deploykit.ports import MQTT_PORT, MQTT_TLS_PORT
 
 _err = Console(stderr=True, highlight=False)
 _out = Console(highlight=False)
@@ -207,6 +207,15 @@ def register(app: typer.Typer) -> None:
             "--force",
             help="Start even when the pre-flight gate refuses (GPU, driver, checkpoint, memory).",
         ),
+        mqtt_tls_cert: Path | None = typer.Option(
+            None, "--mqtt-tls-cert", help="PEM certificate: adds a TLS listener to the broker."
+        ),
+        mqtt_tls_key: Path | None = typer.Option(
+            None, "--mqtt-tls-key", help="PEM private key of --mqtt-tls-cert."
+        ),
+        mqtt_tls_port: int = typer.Option(
+            MQTT_TLS_PORT, "--mqtt-tls-port", help="Host port of the TLS listener."
+        ),
     ) -> None:
         """Start the stack (building missing images), pinned to the chosen GPUs.
 
@@ -227,6 +236,9 @@ def register(app: typer.Typer) -> None:
             kv_cache_dtype=kv_cache_dtype,
             reasoning_parser=reasoning_parser,
             bridge_config=bridge_config,
+            mqtt_tls_cert=mqtt_tls_cert,
+            mqtt_tls_key=mqtt_tls_key,
+            mqtt_tls_port=mqtt_tls_port,
             force=force,
         )
         planned = stack.plan_up(request, warn=_warn)

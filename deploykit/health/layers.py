@@ -70,10 +70,16 @@ class EngineContainerCheck(Layer):
 
 
 # Runs inside the engine container: one HTTP request to the engine, prints status and body.
+# The engine's API key is read from its secret inside the container: it never leaves it, and is
+# never an argument.
 _HTTP_SCRIPT = """
-import sys, urllib.request, urllib.error
+import os, sys, urllib.request, urllib.error
 url, body = sys.argv[1], (sys.argv[2].encode() if len(sys.argv) > 2 else None)
-req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+headers = {"Content-Type": "application/json"}
+key = "/run/secrets/engine_api_key"
+if os.path.isfile(key) and os.access(key, os.R_OK) and open(key).read().strip():
+    headers["Authorization"] = "Bearer " + open(key).read().strip()
+req = urllib.request.Request(url, data=body, headers=headers)
 try:
     with urllib.request.urlopen(req, timeout=float(sys.argv[3]) if len(sys.argv) > 3 else 10) as r:
         print(r.status); print(r.read().decode(errors="replace")[:4000])
@@ -158,7 +164,7 @@ class BridgeStatusCheck(Layer):
     hint = "see `deploykit logs bridge`; the bridge is not connected to the broker"
 
     def run(self) -> CheckResult:
-        topic = names.status_topic(self.target.record.client_id)
+        topic = names.status_topic(self.target.record.bridge_name)
         payload = _read_retained(self.target, topic, self.timeout_s)
         if payload is None:
             return failed(self.name, f"no retained status on {topic}")

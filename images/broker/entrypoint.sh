@@ -1,7 +1,9 @@
 #!/bin/sh
 # deploykit broker entrypoint: build Mosquitto's password file from the `user:password` lines of the
 # mqtt_users secret (hashed in place by `mosquitto_passwd -U`, so no password is ever an argument),
-# then start Mosquitto, which drops root to the mosquitto account itself.
+# add a TLS listener when the stack has a certificate and key (the mqtt_tls_cert and mqtt_tls_key
+# secrets), then start Mosquitto, which drops root to the mosquitto account itself. The root
+# filesystem is read-only: /mosquitto/auth is a tmpfs.
 set -eu
 users=${DEPLOYKIT_MQTT_USERS_FILE:-/run/secrets/mqtt_users}
 passwd=/mosquitto/auth/passwd
@@ -13,6 +15,20 @@ fi
 umask 077
 cp "$users" "$passwd"
 mosquitto_passwd -U "$passwd"
-chown mosquitto:mosquitto "$passwd" /mosquitto/data
 chmod 0600 "$passwd"
+chown mosquitto:mosquitto "$passwd" /mosquitto/data
+conf=/mosquitto/auth/conf.d
+mkdir -p "$conf"
+cert=${DEPLOYKIT_MQTT_TLS_CERT_FILE:-/run/secrets/mqtt_tls_cert}
+key=${DEPLOYKIT_MQTT_TLS_KEY_FILE:-/run/secrets/mqtt_tls_key}
+if [ -s "$cert" ] && [ -s "$key" ]; then
+  cp "$cert" /mosquitto/auth/tls_cert.pem
+  cp "$key" /mosquitto/auth/tls_key.pem
+  chown mosquitto:mosquitto /mosquitto/auth/tls_cert.pem /mosquitto/auth/tls_key.pem
+  printf '%s\n' "listener 8883" "certfile /mosquitto/auth/tls_cert.pem" \
+    "keyfile /mosquitto/auth/tls_key.pem" "allow_anonymous false" "password_file $passwd" \
+    "acl_file /etc/deploykit/broker/acl" > "$conf/tls.conf"
+  echo "deploykit broker: TLS listener on 8883" >&2
+fi
+chmod 0755 /mosquitto/auth "$conf"
 exec "$@"

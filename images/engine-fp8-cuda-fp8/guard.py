@@ -6,7 +6,12 @@
    ``deploykit plan`` runs), and drops the on-the-fly quantization flags for a checkpoint that is
    already quantized with the method;
 3. picks float16 instead of bfloat16 on GPUs below compute capability 8.0;
-4. copies its secrets (an HF token) to a private place, drops root, and execs the vLLM server.
+4. copies its secrets (an HF token, the engine's API key) to a private place, drops root, and
+   starts the vLLM server under a watchdog: once the server has answered ``/health``, a server that
+   stops answering it (``DEPLOYKIT_WATCHDOG_FAILURES`` probes in a row, every
+   ``DEPLOYKIT_WATCHDOG_INTERVAL_S`` s, each waiting ``DEPLOYKIT_WATCHDOG_TIMEOUT_S`` s) is killed
+   and the container exits, so Docker's restart policy starts it again. Docker itself only marks
+   such a container unhealthy; no container holds the Docker socket to do more.
 
 Standard library only. ``deploykit render`` copies this file as it is into every engine image's build
 folder, with ``checkpoint.py`` and ``errors.py`` beside it and the image's own facts in
@@ -17,11 +22,16 @@ not match, 1 a vLLM server that cannot start.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -283,19 +293,26 @@ class Guard:
 
 
 def take_secrets_and_drop_root(uid: int) -> None:
-    """Copy readable secrets to a private folder for the runtime user, then become that user."""
+    """Copy readable secrets to a private folder for the runtime user, then become that user. The
+    API key reaches vLLM as ``VLLM_API_KEY`` in its own environment (not the container's)."""
     token = os.path.join(SECRETS_DIR, "hf_token")
+    api_key = os.path.join(SECRETS_DIR, "engine_api_key")
+    if os.path.isfile(api_key) and os.access(api_key, os.R_OK):
+        key = Path(api_key).read_text().strip()
+        if key:
+            os.environ["VLLM_API_KEY"] = key
     if os.geteuid() != 0:
         if os.path.isfile(token) and os.access(token, os.R_OK):
             os.environ["HF_TOKEN_PATH"] = token
         return
     os.makedirs(PRIVATE_DIR, mode=0o700, exist_ok=True)
+    os.chmod(PRIVATE_DIR, 0o700)
     os.chown(PRIVATE_DIR, uid, uid)
     if os.path.isfile(token) and os.path.getsize(token) > 0:
         private = os.path.join(PRIVATE_DIR, "hf_token")
         shutil.copyfile(token, private)
-        os.chown(private, uid, uid)
         os.chmod(private, 0o600)
+        os.chown(private, uid, uid)
         os.environ["HF_TOKEN_PATH"] = private
     os.setgroups([])
     os.setgid(uid)
@@ -303,21 +320,96 @@ def take_secrets_and_drop_root(uid: int) -> None:
     os.environ["HOME"] = os.environ.get("DEPLOYKIT_HOME", "/home/vllm")
 
 
+@dataclass(frozen=True)
+class Watchdog:
+    """When a server that answered ``/health`` stops answering it: kill it, so the container
+    exits and is restarted."""
+
+    port: int = 8000
+    interval_s: float = 10.0
+    timeout_s: float = 5.0
+    failures: int = 3
+
+    @classmethod
+    def from_env(cls, args: Sequence[str], env: Mapping[str, str] = os.environ) -> Watchdog | None:
+        """The watchdog for a server started with ``args``; None with DEPLOYKIT_WATCHDOG=0."""
+        if env.get("DEPLOYKIT_WATCHDOG", "1") == "0":
+            return None
+        return cls(
+            port=int(arg_value(args, "--port") or 8000),
+            interval_s=float(env.get("DEPLOYKIT_WATCHDOG_INTERVAL_S", 10)),
+            timeout_s=float(env.get("DEPLOYKIT_WATCHDOG_TIMEOUT_S", 5)),
+            failures=int(env.get("DEPLOYKIT_WATCHDOG_FAILURES", 3)),
+        )
+
+    def answers(self) -> bool:
+        try:
+            with urllib.request.urlopen(
+                f"http://127.0.0.1:{self.port}/health", timeout=self.timeout_s
+            ) as response:
+                return bool(response.status == 200)
+        except (OSError, urllib.error.URLError, ValueError):
+            return False
+
+    def supervise(self, command: Sequence[str]) -> int:
+        """Run ``command`` (in its own process group) until it ends or stops answering; returns
+        the exit code for the container. SIGTERM/SIGINT are passed on to the server."""
+        proc = subprocess.Popen(list(command), start_new_session=True)
+
+        def forward(signum: int, _frame: object) -> None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signum)
+
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, forward)
+        answered, misses = False, 0
+        while True:
+            try:
+                return proc.wait(timeout=self.interval_s)
+            except subprocess.TimeoutExpired:
+                pass
+            if self.answers():
+                if not answered:
+                    log(
+                        f"the vLLM server answers /health; watchdog on (every {self.interval_s:g} s)"
+                    )
+                answered, misses = True, 0
+                continue
+            if not answered:
+                continue  # still loading the model
+            misses += 1
+            log(
+                f"the vLLM server did not answer /health within {self.timeout_s:g} s ({misses}/{self.failures})"
+            )
+            if misses >= self.failures:
+                log("the vLLM server stopped answering: killing it so the container restarts")
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                return errors.ExitCode.FAILED
+
+
 def main(argv: Sequence[str]) -> NoReturn:
     facts = load_facts()
-    command = Guard(facts).command(list(argv[1:]))
+    args = list(argv[1:])
+    command = Guard(facts).command(args)
     take_secrets_and_drop_root(facts.runtime_uid)
     log("starting: " + " ".join(command))
-    try:
-        os.execvp(command[0], command)
-    except OSError as err:
+    if shutil.which(command[0]) is None:
         fail(
             errors.DeployKitError(
-                f"cannot start the vLLM server ({command[0]}: {err.strerror})",
+                f"cannot start the vLLM server ({command[0]}: not found)",
                 "the image's BASE_IMAGE must contain vLLM (the official vllm/vllm-openai image, or "
                 "the cpu image's own build stage)",
             )
         )
+    watchdog = Watchdog.from_env(args)
+    if watchdog is None:
+        os.execvp(command[0], command)
+    started = time.monotonic()
+    code = watchdog.supervise(command)
+    log(f"the vLLM server ended with {code} after {time.monotonic() - started:.0f} s")
+    sys.exit(code if code >= 0 else 128 - code)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -210,6 +211,8 @@ def test_secrets_stay_out_of_inspect_and_logs(
     folder = SecretsFolder(running.secrets_dir)
     secrets = [folder.client_password(p) for p in running.projects]
     secrets.append(folder.bridge_credentials()[1])
+    for path in (folder.bridge_client_id_file, folder.engine_api_key_file):
+        secrets.append(path.read_text().strip())
     containers = docker_api.containers({stack.COMPOSE_PROJECT_LABEL: NAME})
     assert len(containers) == 3
     for c in containers:
@@ -217,7 +220,43 @@ def test_secrets_stay_out_of_inspect_and_logs(
             errors="replace"
         )
         for s in secrets:
-            assert s not in text, f"a password shows in {c.name}'s inspect or logs"
+            assert s not in text, f"a secret shows in {c.name}'s inspect or logs"
+
+
+def test_containers_run_hardened(docker_api: Docker, running: stack.StackRecord) -> None:
+    """What Docker applied, not what the compose file asked for: a read-only root filesystem, no
+    new privileges, all capabilities dropped but the entrypoints' few; the service processes hold
+    no capabilities at all once they dropped root."""
+    for c in docker_api.containers({stack.COMPOSE_PROJECT_LABEL: NAME}):
+        host = docker_api.container_attrs(c.id or "")["HostConfig"]
+        assert host["ReadonlyRootfs"] is True, c.name
+        assert "no-new-privileges:true" in host["SecurityOpt"], c.name
+        assert host["CapDrop"] == ["ALL"], c.name
+        assert set(host["CapAdd"]) <= {"CHOWN", "DAC_OVERRIDE", "FOWNER", "SETUID", "SETGID"}
+        assert not host.get("Privileged"), c.name
+        rc, out = docker_api.exec(c.id or "", ["sh", "-c", "touch /probe 2>&1; echo rc=$?"])
+        assert "rc=0" not in out, f"{c.name}: the root filesystem is writable"
+        service = c.top(ps_args="-eo pid,uid,args")["Processes"]
+        pids = [p[0] for p in service if p[1] != "0"]  # host pids: read from this host's /proc
+        assert pids, c.name
+        for pid in pids:
+            status = Path(f"/proc/{pid}/status").read_text()
+            cap_eff = next(line for line in status.splitlines() if line.startswith("CapEff"))
+            assert cap_eff.split()[-1] == "0000000000000000", f"{c.name} {pid}: {cap_eff}"
+
+
+def test_engine_api_needs_its_key(docker_api: Docker, running: stack.StackRecord) -> None:
+    """The engine's OpenAI API answers only with the stack's key (the bridge and health have it)."""
+    engine = docker_api.containers(
+        {stack.COMPOSE_PROJECT_LABEL: NAME, stack.COMPOSE_SERVICE_LABEL: "engine"}
+    )[0]
+    probe = (
+        "import urllib.request as u, urllib.error as e\n"
+        "try:\n u.urlopen('http://127.0.0.1:8000/v1/models', timeout=5); print('status 200')\n"
+        "except e.HTTPError as x: print('status', x.code)"
+    )
+    _rc, out = docker_api.exec(engine.id or "", ["python3", "-c", probe])
+    assert "status 401" in out, out
 
 
 def test_services_drop_root(docker_api: Docker, running: stack.StackRecord) -> None:

@@ -27,6 +27,9 @@ def test_secrets_are_private_stable_and_grow_with_projects(tmp_path: Path) -> No
     assert stat.S_IMODE(folder.path.stat().st_mode) == 0o700
     names = sorted(p.name for p in folder.path.iterdir())
     assert names == [
+        "bridge_client_id",
+        "bridge_share_group",
+        "engine_api_key",
         "hf_token",
         "mqtt_bridge_password",
         "mqtt_bridge_username",
@@ -41,12 +44,20 @@ def test_secrets_are_private_stable_and_grow_with_projects(tmp_path: Path) -> No
     assert users["general"] == folder.client_password("general")
     assert len(users["maze"]) >= 24 and users["maze"] != users["general"]
     assert folder.hf_token_file.read_text() == ""
+    # the bridge's client id and share group: secret, valid MQTT ids, not guessable from names
+    client_id = folder.bridge_client_id_file.read_text().strip()
+    group = folder.bridge_share_group_file.read_text().strip()
+    for secret in (client_id, group):
+        assert secret.isalnum() and len(secret) >= 32, secret
+    assert client_id != group and "bridge" not in client_id
+    assert len(folder.engine_api_key_file.read_text().strip()) >= 24
     before = folder.users_file.read_text()
     again = ensure_secrets(tmp_path / "s", ["general", "robot"])
     after = dict(line.split(":", 1) for line in again.users_file.read_text().splitlines())
     assert after["general"] == users["general"] and after["maze"] == users["maze"]
     assert set(after) == {"deploykit-bridge", "general", "maze", "robot"}
     assert before != again.users_file.read_text()
+    assert again.bridge_client_id_file.read_text().strip() == client_id  # stable across up
     with pytest.raises(UsageError, match="no MQTT account for project 'nope'"):
         again.client_password("nope")
 

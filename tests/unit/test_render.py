@@ -6,13 +6,14 @@ import shutil
 import subprocess
 import sys
 import zipfile
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import yaml
 
 from deploykit.files import check_files, write_files
-from deploykit.matrix import supported_cells
+from deploykit.matrix import resolve_target, supported_cells
 from deploykit.render import (
     StackOptions,
     compose_name,
@@ -155,7 +156,10 @@ def test_no_secret_values_in_compose() -> None:
         stack = yaml.safe_load(render_compose(cell, UP_OPTIONS))
         for name, service in stack["services"].items():
             for key in service.get("environment", {}):
-                if any(word in key.upper() for word in ("PASSWORD", "TOKEN", "SECRET")):
+                if any(
+                    word in key.upper()
+                    for word in ("PASSWORD", "TOKEN", "SECRET", "KEY", "CLIENT_ID", "GROUP")
+                ):
                     assert key.endswith("_FILE"), f"{name}: {key} carries a secret value"
             for arg in service.get("command", []):
                 assert not any(word in arg.lower() for word in ("password", "token")), (
@@ -165,9 +169,38 @@ def test_no_secret_values_in_compose() -> None:
             "mqtt_users",
             "mqtt_bridge_username",
             "mqtt_bridge_password",
+            "bridge_client_id",
+            "engine_api_key",
             "hf_token",
         }
         assert all(set(s) == {"file"} for s in stack["secrets"].values())
+
+
+def test_containers_are_hardened() -> None:
+    """Every service: read-only root, no new privileges, all capabilities dropped but the ones its
+    entrypoint needs to read the secrets as root and drop to its account."""
+    allowed = {"CHOWN", "DAC_OVERRIDE", "FOWNER", "SETUID", "SETGID"}
+    for cell in supported_cells():
+        stack = yaml.safe_load(render_compose(cell, UP_OPTIONS))
+        for name, service in stack["services"].items():
+            assert service["read_only"] is True, name
+            assert "no-new-privileges:true" in service["security_opt"], name
+            assert service["cap_drop"] == ["ALL"], name
+            assert set(service["cap_add"]) <= allowed, name
+            assert service["tmpfs"], name
+            assert "privileged" not in service and "pid" not in service, name
+            volumes = " ".join(service.get("volumes", []))
+            assert "docker.sock" not in volumes, name
+
+
+def test_tls_listener_only_when_asked_for() -> None:
+    cell = resolve_target("none", "cpu")
+    plain = yaml.safe_load(render_compose(cell, UP_OPTIONS))
+    assert len(plain["services"]["broker"]["ports"]) == 1
+    assert "mqtt_tls_cert" not in plain["secrets"]
+    tls = yaml.safe_load(render_compose(cell, replace(UP_OPTIONS, mqtt_tls_port=8884)))
+    assert tls["services"]["broker"]["ports"][1].endswith(":8884:8883")
+    assert {"mqtt_tls_cert", "mqtt_tls_key"} <= set(tls["services"]["broker"]["secrets"])
 
 
 def test_templates_ship_in_the_wheel(tmp_path: Path) -> None:
