@@ -234,7 +234,7 @@ def test_containers_run_hardened(docker_api: Docker, running: stack.StackRecord)
         assert host["CapDrop"] == ["ALL"], c.name
         assert set(host["CapAdd"]) <= {"CHOWN", "DAC_OVERRIDE", "FOWNER", "SETUID", "SETGID"}
         assert not host.get("Privileged"), c.name
-        rc, out = docker_api.exec(c.id or "", ["sh", "-c", "touch /probe 2>&1; echo rc=$?"])
+        _rc, out = docker_api.exec(c.id or "", ["sh", "-c", "touch /probe 2>&1; echo rc=$?"])
         assert "rc=0" not in out, f"{c.name}: the root filesystem is writable"
         service = c.top(ps_args="-eo pid,uid,args")["Processes"]
         pids = [p[0] for p in service if p[1] != "0"]  # host pids: read from this host's /proc
