@@ -7,13 +7,16 @@
 #   bash benchmarks/gpu/bridge_h200.sh bench   # the 120M random-weight Llama (fast: stresses the bridge)
 #   bash benchmarks/gpu/bridge_h200.sh 8b      # Llama-3-8B's shape, random weights (GPU-bound)
 #
-# Raw JSON goes to $OUT (default benchmarks/results): bridge-<model>.json (bridge_throughput.py),
-# vllm-bench-<model>-c<N>.json (vllm bench serve), and the logs.
+# Results go to a folder packed as $OUT/h200-<model>.tgz (default OUT: benchmarks/results):
+# bridge-<model>.json (bridge_throughput.py), vllm-bench-<model>-c<N>.json (vllm bench serve), and
+# the logs. orjson (not in the GPU image) is expected in /tmp/extra (pip install --target).
 set -uo pipefail
 kind=${1:?usage: bridge_h200.sh bench|8b}
-OUT=${OUT:-benchmarks/results}
-mkdir -p "$OUT"
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+final=${OUT:-benchmarks/results}
+OUT=/tmp/results-$kind
+rm -rf "$OUT" && mkdir -p "$OUT" "$final"
+trap 'tar -czf "$final/h200-$kind.tgz" -C "$OUT" .' EXIT
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}:/tmp/extra
 [ -f /tmp/dk_site ] && [ "$(cat /tmp/dk_site)" = /tmp/site ] && export PYTHONPATH=$PYTHONPATH:/tmp/site
 export LD_LIBRARY_PATH=/tmp/mq/usr/lib/x86_64-linux-gnu:/tmp/mq/lib/x86_64-linux-gnu
 export VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_NO_USAGE_STATS=1 PYTHONUNBUFFERED=1
@@ -22,7 +25,7 @@ model=/tmp/m-$kind
 port=8000
 case $kind in
   bench) make=(--size bench); serve=(--enforce-eager) ;;
-  8b) make=(--size llama3-8b --config-only); serve=(--load-format dummy --max-model-len 4096) ;;
+  8b) make=(--size llama3-8b --config-only); serve=(--enforce-eager --load-format dummy --max-model-len 4096) ;;
   *) echo "unknown model $kind" >&2; exit 2 ;;
 esac
 [ -f "$model/config.json" ] || $py templates/engine/cpu/make_demo_model.py "$model" "${make[@]}" || exit 1
@@ -32,7 +35,7 @@ $py -m vllm.entrypoints.cli.main serve "$model" --served-model-name bench --dtyp
   --host 127.0.0.1 --port $port --max-num-seqs 512 --disable-log-stats "${serve[@]}" \
   >"$OUT/vllm-$kind.log" 2>&1 &
 vllm=$!
-trap 'kill $vllm 2>/dev/null; wait $vllm 2>/dev/null' EXIT
+trap 'kill $vllm 2>/dev/null; wait $vllm 2>/dev/null; tar -czf "$final/h200-$kind.tgz" -C "$OUT" .' EXIT
 healthy() { $py -c "import urllib.request as u; u.urlopen('http://127.0.0.1:$port/health', timeout=2)" 2>/dev/null; }
 until healthy; do
   kill -0 $vllm 2>/dev/null || { echo "vLLM exited"; tail -30 "$OUT/vllm-$kind.log"; exit 1; }
