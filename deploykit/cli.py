@@ -7,6 +7,7 @@ itself on the app through ``register(app)``. Errors are caught in one place (``m
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -50,10 +51,23 @@ def report_error(err: DeployKitError, console: Console | None = None) -> None:
         console.print(f"[bold yellow]hint:[/] {err.hint}", markup=True)
 
 
+def _flags_take_no_value(command: Any) -> None:
+    """Show on/off flags (``--wait``, ``--help``) without a value type in help: typer would show
+    ``--wait <bool>``, as if the flag took a value."""
+    ctx = typer.Context(command, info_name=command.name)
+    for param in command.get_params(ctx):
+        if getattr(param, "is_flag", False):
+            param.metavar = ""
+    for sub in getattr(command, "commands", {}).values():
+        _flags_take_no_value(sub)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the console script. Usage errors exit 2 (click's own handling)."""
+    command = typer.main.get_command(app)
+    _flags_take_no_value(command)
     try:
-        app(args=argv)
+        command.main(args=argv, prog_name="deploykit")
     except DeployKitError as err:
         report_error(err)
         sys.exit(err.exit_code)

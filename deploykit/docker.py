@@ -294,8 +294,9 @@ class Docker:
         except docker.errors.APIError as exc:
             raise explain(exc) from exc
 
-    def containers(self, labels: dict[str, str]) -> list[Container]:
-        filters = {"label": [f"{k}={v}" for k, v in labels.items()]}
+    def containers(self, labels: dict[str, str | None]) -> list[Container]:
+        """Containers (running or not) with these labels; a None value: the label with any value."""
+        filters = {"label": [k if v is None else f"{k}={v}" for k, v in labels.items()]}
         try:
             return list(self.client.containers.list(all=True, filters=filters))
         except docker.errors.APIError as exc:
@@ -313,6 +314,17 @@ class Docker:
             raise explain(exc) from exc
         output = result.output.decode(errors="replace") if result.output else ""
         return int(result.exit_code or 0), output
+
+    def signal(self, container: str, signal: str) -> None:
+        """Send a signal to a container's main process (``docker kill --signal``)."""
+        try:
+            self.client.api.kill(container, signal=signal)
+        except docker.errors.NotFound as exc:
+            raise DockerError(
+                f"container {container} is not running", "start the stack: deploykit up"
+            ) from exc
+        except docker.errors.APIError as exc:
+            raise explain(exc) from exc
 
     def networks(self, labels: dict[str, str]) -> list[str]:
         filters = {"label": [f"{k}={v}" for k, v in labels.items()]}

@@ -446,3 +446,30 @@ def render_cell(cell: Cell, options: StackOptions | None = None) -> Bundle:
     )
     bundle.files.sort(key=lambda f: str(f.path))
     return bundle
+
+
+# --- client snippets ------------------------------------------------------------------------------
+
+#: Ready-to-paste clients ``deploykit credentials`` prints: template under templates/clients/.
+CLIENT_SNIPPETS = {
+    "mosquitto": "clients/mosquitto.sh.j2",
+    "python": "clients/paho.py.j2",
+    "javascript": "clients/mqttjs.mjs.j2",
+}
+
+
+def client_snippets(
+    *, host: str, port: int, project: str, password_file: str, session_id: str = "demo"
+) -> dict[str, str]:
+    """Clients of one project, each reading its password from a file (or the environment)."""
+    context = {
+        "host": host,
+        "port": port,
+        "project": project,
+        "username": project,
+        "password_file": password_file,
+        "session_id": session_id,
+        "request_topic": names.request_topic(project),
+        "reply_topic": names.default_reply_topic(project, session_id),
+    }
+    return {kind: _render(template, **context) for kind, template in CLIENT_SNIPPETS.items()}

@@ -163,8 +163,12 @@ def ensure_secrets(folder: Path, projects: Sequence[str]) -> SecretsFolder:
                 accounts.setdefault(name, path.read_text().strip())
         users = "".join(f"{user}:{password}\n" for user, password in sorted(accounts.items()))
         users_file = folder / "mqtt_users"
-        if not users_file.is_file() or users_file.read_text() != users:
+        if not users_file.is_file():
             _write_private(users_file, users)
+        elif users_file.read_text() != users:
+            # In place (same inode): a running broker sees it through its bind-mounted secret.
+            with users_file.open("w") as f:
+                f.write(users)
         _read_or_create(folder / "bridge_client_id", _new_id())
         _read_or_create(folder / "bridge_share_group", _new_id())
         _read_or_create(folder / "engine_api_key", _new_password())

@@ -1,14 +1,21 @@
 """Run a stack: resolve GPUs and the cell, write its compose file, drive `docker compose`.
 
 ``docker compose`` (v2) is used when present, else ``docker-compose`` (v1). Each stack lives in a
-state folder (default ``.deploykit/<name>``): the compose file rendered for this run (GPU ids,
-tensor-parallel size, model, projects) and ``stack.json`` (what health and chat need to find it).
+state folder (``.deploykit/<name>`` of the checkout it was started from): the compose file rendered
+for this run (GPU ids, tensor-parallel size, model, projects) and ``stack.json`` (what health and
+chat need to find it), written only once the stack has started.
+
+A stack's default name belongs to its checkout (:func:`default_name`), so two checkouts on one host
+never share a compose project, its containers, volumes or secrets. ``deploykit.hoststacks`` finds
+stacks on the host by name from any folder.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
+import re
 import shutil
 import subprocess
 from collections.abc import Callable, Sequence
@@ -23,10 +30,40 @@ from deploykit.plan import DEFAULT_GPU_MEMORY_UTILIZATION, gate
 from deploykit.ports import MQTT_PORT, MQTT_TLS_PORT
 from deploykit.secrets import copy_tls, ensure_secrets
 
-DEFAULT_NAME = "deploykit"
 DEFAULT_STATE_DIR = Path(".deploykit")
 COMPOSE_PROJECT_LABEL = "com.docker.compose.project"
 COMPOSE_SERVICE_LABEL = "com.docker.compose.service"
+#: Set by both compose implementations: the compose file(s) a container was created from.
+COMPOSE_CONFIG_FILES_LABEL = "com.docker.compose.project.config_files"
+RECORD_FILE = "stack.json"
+#: The broker image's entrypoint (templates/broker): builds Mosquitto's password file.
+BROKER_ENTRYPOINT = "/opt/deploykit/entrypoint.sh"
+
+
+# --- names ----------------------------------------------------------------------------------------
+
+#: What Docker Compose accepts as a project name (lower-case letters, digits, '-' and '_').
+_STACK_NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
+STACK_NAME_RULE = (
+    "a stack name is 1-63 lower-case letters, digits, '-' or '_', starting with a letter or digit "
+    "(a Docker Compose project name)"
+)
+
+
+def check_stack_name(name: str) -> str:
+    """Return ``name`` or raise ``UsageError`` saying what a stack name may be."""
+    if not _STACK_NAME_RE.fullmatch(name):
+        raise UsageError(f"--name {name!r} is not a valid stack name", STACK_NAME_RULE)
+    return name
+
+
+def default_name(state_dir: Path = DEFAULT_STATE_DIR) -> str:
+    """This checkout's stack name: the name of the folder holding the state folder, and a short
+    digest of the state folder's path (two checkouts of the same name still differ)."""
+    where = state_dir.expanduser().resolve()
+    slug = re.sub(r"[^a-z0-9]+", "-", where.parent.name.lower()).strip("-")[:40] or "stack"
+    digest = hashlib.sha256(str(where).encode()).hexdigest()[:6]
+    return f"{slug}-{digest}"
 
 
 # --- compose binary -------------------------------------------------------------------------------
@@ -144,7 +181,7 @@ class UpRequest:
     gpu_class: GpuClass | str | None = None  # None: the pinned GPUs' class
     model: str | None = None  # a Hub id or a local checkpoint folder; None: the cell's default
     projects: Sequence[str] = ("general",)
-    name: str = DEFAULT_NAME
+    name: str | None = None  # None: this checkout's default_name(state_dir)
     state_dir: Path = DEFAULT_STATE_DIR
     secrets_dir: Path | None = None  # None: <state_dir>/<name>/secrets
     mqtt_port: int = MQTT_PORT
@@ -188,6 +225,11 @@ def plan_up(
     local_model = (
         Path(model).expanduser().resolve() if model and Path(model).expanduser().is_dir() else None
     )
+    if model and local_model is None and looks_like_path(model):
+        raise UsageError(
+            f"--model {model}: the folder does not exist",
+            "give a local checkpoint folder that exists, or a Hugging Face id (ORG/NAME)",
+        )
     result = gate(
         cell,
         gpus=pinned.gpus if pinned is not None else (),
@@ -209,7 +251,8 @@ def plan_up(
         warn(f"--force: going ahead although {message}")
     for note in result.notes:
         warn(note)
-    folder = (request.state_dir / request.name).resolve()
+    name = check_stack_name(request.name) if request.name else default_name(request.state_dir)
+    folder = (request.state_dir / name).resolve()
     secrets = (request.secrets_dir or folder / "secrets").resolve()
     options = render.StackOptions(
         gpu_ids=pinned.device_ids if pinned is not None else ("0",),
@@ -228,7 +271,7 @@ def plan_up(
         image_version=request.image_version or render.StackOptions().image_version,
         mqtt_tls_port=request.mqtt_tls_port if tls else None,
     )
-    return StackPlan(request.name, cell, options, request.state_dir.resolve(), tls)
+    return StackPlan(name, cell, options, request.state_dir.resolve(), tls)
 
 
 def _tls_files(request: UpRequest) -> tuple[Path, Path] | None:
@@ -250,6 +293,11 @@ def _tls_files(request: UpRequest) -> tuple[Path, Path] | None:
             "pick another port for TLS (8883 is usual)",
         )
     return cert.expanduser().resolve(), key.expanduser().resolve()
+
+
+def looks_like_path(model: str) -> bool:
+    """A --model that can only be a local path (a Hugging Face id is ORG/NAME, never these)."""
+    return model.startswith(("/", "./", "../", "~")) or model in (".", "..")
 
 
 def _image_class(
@@ -288,10 +336,15 @@ def _image_class(
     return GpuClass.CPU, None
 
 
-def write_stack(plan: StackPlan) -> Path:
-    """Render the compose file for this plan and record the stack; returns the compose file."""
+def write_compose(plan: StackPlan) -> Path:
+    """Render the compose file for this plan into the stack's folder; returns the compose file."""
     plan.folder.mkdir(parents=True, exist_ok=True)
     plan.compose_file.write_text(render.render_compose(plan.cell, plan.options))
+    return plan.compose_file
+
+
+def record_stack(plan: StackPlan) -> Path:
+    """Record a started stack (``stack.json``), as health, chat, ps, logs and down find it."""
     record = {
         "name": plan.name,
         "quant": str(plan.cell.quant),
@@ -301,8 +354,9 @@ def write_stack(plan: StackPlan) -> Path:
             k: list(v) if isinstance(v, tuple) else v for k, v in asdict(plan.options).items()
         },
     }
-    (plan.folder / "stack.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-    return plan.compose_file
+    path = plan.folder / RECORD_FILE
+    path.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    return path
 
 
 @dataclass(frozen=True)
@@ -324,14 +378,20 @@ class StackRecord:
         return self.folder / "compose.yaml"
 
 
-def load_stack(name: str = DEFAULT_NAME, state_dir: Path = DEFAULT_STATE_DIR) -> StackRecord:
-    folder = (state_dir / name).resolve()
+def load_stack(name: str, state_dir: Path = DEFAULT_STATE_DIR) -> StackRecord:
+    """The stack recorded in ``state_dir/name``; ``deploykit.hoststacks.find_stack`` also finds
+    stacks of other checkouts by name."""
+    return load_record((state_dir / name).resolve())
+
+
+def load_record(folder: Path) -> StackRecord:
+    """The stack recorded in one stack folder (its ``stack.json``)."""
     try:
-        data = json.loads((folder / "stack.json").read_text())
+        data = json.loads((folder / RECORD_FILE).read_text())
     except FileNotFoundError as exc:
         raise UsageError(
-            f"no stack named {name!r} in {state_dir}",
-            "start one with `deploykit up` (or pass --name/--state-dir of an existing one)",
+            f"no stack is recorded in {folder}",
+            "start one with `deploykit up`, or see the stacks on this host: deploykit ls",
         ) from exc
     opts = data["options"]
     return StackRecord(
@@ -374,14 +434,18 @@ def compose(
 
 
 def up(plan: StackPlan, *, start: bool = True, services: Sequence[str] = ()) -> Path:
-    """Generate missing secrets, write the compose file, create (and start) the stack.
+    """Generate missing secrets, write the compose file, create (and start) the stack, and record
+    it once it started; a failed ``up`` removes what it started and records nothing.
 
+    On a running stack the broker keeps running (compose recreates only what changed), so it is
+    told to load the accounts of projects added since it started (:func:`reload_accounts`).
     ``start=False`` creates the containers without starting them (``up --no-start``).
     """
     folder = ensure_secrets(Path(plan.options.secrets_dir), plan.options.projects)
     if plan.tls_files is not None:
         copy_tls(folder, *plan.tls_files)
-    compose_file = write_stack(plan)
+    compose_file = write_compose(plan)
+    broker_before = _running_broker(plan.name) if start else None
     args = ["up", "-d", "--remove-orphans"] if start else ["up", "--no-start"]
     try:
         compose(plan.name, compose_file, [*args, *services], capture=True)
@@ -390,6 +454,7 @@ def up(plan: StackPlan, *, start: bool = True, services: Sequence[str] = ()) -> 
         # Leave nothing half-started behind (volumes stay: a retry keeps the broker's data).
         with contextlib.suppress(DockerError):
             compose(plan.name, compose_file, ["down", "--remove-orphans"], capture=True)
+        forget_stack(plan.folder)
         low = err.message.lower()
         if "address already in use" in low or "port is already allocated" in low:
             port = plan.options.mqtt_port
@@ -402,7 +467,43 @@ def up(plan: StackPlan, *, start: bool = True, services: Sequence[str] = ()) -> 
         raise DockerError(
             f"{err.message}\n{diagnosis}\n(the partly started stack was removed again)", err.hint
         ) from err
+    record_stack(plan)
+    if broker_before is not None and broker_before == _running_broker(plan.name):
+        reload_accounts(plan.name, broker_before)
     return compose_file
+
+
+def forget_stack(folder: Path) -> None:
+    """Remove a stack's record and compose file (its secrets stay, so passwords stay stable)."""
+    for name in (RECORD_FILE, "compose.yaml"):
+        (folder / name).unlink(missing_ok=True)
+
+
+def _running_broker(name: str) -> str | None:
+    """The id of the stack's running broker container, if there is one."""
+    from deploykit.docker import Docker
+
+    found = Docker.connect().containers(
+        {COMPOSE_PROJECT_LABEL: name, COMPOSE_SERVICE_LABEL: "broker"}
+    )
+    running = [c for c in found if c.status == "running"]
+    return running[0].id if running else None
+
+
+def reload_accounts(name: str, broker: str) -> None:
+    """Make a running broker load the accounts file as it is now: its entrypoint rebuilds the
+    password file from the ``mqtt_users`` secret (which ``ensure_secrets`` rewrites in place, so
+    the running container sees it), then SIGHUP makes Mosquitto re-read it and the ACL."""
+    from deploykit.docker import Docker
+
+    docker = Docker.connect()
+    code, output = docker.exec(broker, [BROKER_ENTRYPOINT, "--reload-accounts"])
+    if code != 0:
+        raise DockerError(
+            f"the broker of stack {name!r} could not load the new accounts: {output.strip()[-500:]}",
+            f"restart the stack: deploykit down --keep-data --name {name}, then deploykit up",
+        )
+    docker.signal(broker, "SIGHUP")
 
 
 def _diagnose(name: str, compose_file: Path) -> str:

@@ -1,13 +1,14 @@
 """Subcommands of the ``deploykit`` CLI, one module per group.
 
 Each module exposes ``register(app)``; ``deploykit.cli`` calls them in this order, which is also
-the order ``deploykit --help`` lists them in.
+the order ``deploykit --help`` lists them in. Options several commands share are declared once, in
+``deploykit.commands.options``.
 """
 
 from __future__ import annotations
 
 from types import ModuleType
 
-from deploykit.commands import bridge, core, preflight, stack
+from deploykit.commands import bridge, build, client, core, preflight, stack
 
-COMMAND_MODULES: tuple[ModuleType, ...] = (core, preflight, stack, bridge)
+COMMAND_MODULES: tuple[ModuleType, ...] = (core, preflight, build, stack, client, bridge)

@@ -14,6 +14,7 @@ from rich.table import Table
 from deploykit.checks import Status as CheckStatus
 from deploykit.checks import run_checks
 from deploykit.devices import (
+    GIB,
     GPU_SPEC_HELP,
     GpuInventory,
     dumps_inventory,
@@ -22,7 +23,9 @@ from deploykit.devices import (
     resolve_gpu_spec,
 )
 from deploykit.doctor import default_checks, report_json
-from deploykit.errors import CheckFailed, GpuError, ModelError
+from deploykit.errors import CheckFailed, DeployKitError, GpuError, ModelError, UsageError
+from deploykit.gpucatalogue import CATALOGUE, catalogue_gpus
+from deploykit.matrix import gpu_class_for
 from deploykit.plan import (
     DEFAULT_GPU_MEMORY_UTILIZATION,
     Plan,
@@ -64,6 +67,29 @@ def gpus_table(inv: GpuInventory) -> Table:
     return table
 
 
+def catalogue_table() -> Table:
+    table = Table(title="GPUs `deploykit plan --gpu` knows", box=box.SIMPLE_HEAD)
+    for col in ("--gpu", "name", "memory", "CC", "class", "kind", "source"):
+        table.add_column(col, justify="right" if col in ("memory", "CC") else "left")
+    table.columns[0].no_wrap = True
+    table.columns[-1].overflow = "fold"
+    for g in CATALOGUE:
+        try:
+            cls = str(gpu_class_for(g.compute_capability))
+        except DeployKitError:
+            cls = "unsupported"
+        table.add_row(
+            g.key,
+            escape(g.name),
+            f"{g.memory_bytes / GIB:.1f} GiB",
+            f"{g.compute_capability:.1f}",
+            cls,
+            g.kind,
+            escape(g.source),
+        )
+    return table
+
+
 def plan_table(plan: Plan) -> Table:
     m = plan.model
     table = Table(
@@ -98,11 +124,22 @@ def register(app: typer.Typer) -> None:
     @app.command("gpus")
     def gpus_command(
         as_json: bool = typer.Option(False, "--json", help="Print JSON (recordable as test data)."),
+        catalogue: bool = typer.Option(
+            False,
+            "--catalogue",
+            help="List the named GPUs `deploykit plan --gpu` knows (no GPU needed), with sources.",
+        ),
     ) -> None:
         """List this host's NVIDIA GPUs (NVML): index, UUID, compute capability, memory, MIG, driver.
 
         Exits 5 when there is no NVIDIA driver.
         """
+        if catalogue:
+            if as_json:
+                typer.echo(json.dumps([g.to_json() for g in CATALOGUE], indent=2))
+            else:
+                Console(highlight=False).print(catalogue_table())
+            return
         inv = read_inventory()
         if as_json:
             typer.echo(dumps_inventory(inv), nl=False)
@@ -154,6 +191,13 @@ def register(app: typer.Typer) -> None:
             "--gpus-file",
             help="Plan for another machine: a saved `deploykit gpus --json` instead of this host's GPUs.",
         ),
+        gpu: str | None = typer.Option(
+            None,
+            "--gpu",
+            help="Plan for named GPUs instead of this host's: H100-80GB, RTX-4090-24GB, ... "
+            "(`deploykit gpus --catalogue` lists them).",
+        ),
+        count: int = typer.Option(1, "--count", help="How many --gpu GPUs (tensor parallel)."),
         max_model_len: str | None = typer.Option(
             None,
             "--max-model-len",
@@ -176,15 +220,21 @@ def register(app: typer.Typer) -> None:
 
         Exits 6 when the checkpoint does not match --quant or nothing fits.
         """
+        if gpu is not None and gpus_file is not None:
+            raise UsageError("--gpu and --gpus-file both say which GPUs", "give one of them")
         info = read_model(model)
-        try:
-            inv = load_inventory(gpus_file) if gpus_file else read_inventory()
-        except GpuError as err:
-            raise GpuError(
-                err.message,
-                f"{err.hint}; or plan for another machine: --gpus-file FILE (its `deploykit gpus --json`)",
-            ) from None
-        selected = resolve_gpu_spec(gpus, inv.gpus)
+        if gpu is not None:
+            selected = list(catalogue_gpus(gpu, count))
+        else:
+            try:
+                inv = load_inventory(gpus_file) if gpus_file else read_inventory()
+            except GpuError as err:
+                raise GpuError(
+                    err.message,
+                    f"{err.hint}; or plan for named GPUs: --gpu H100-80GB [--count 2] "
+                    "(`deploykit gpus --catalogue`), or for another machine: --gpus-file FILE",
+                ) from None
+            selected = resolve_gpu_spec(gpus, inv.gpus)
         plan = make_plan(
             info,
             selected,

@@ -76,8 +76,10 @@ def wait_healthy(
     timeout_s: float,
     pause_s: float = 2.0,
     clock: Clock | None = None,
+    on_round: Callable[[list[CheckResult], float], None] | None = None,
 ) -> tuple[list[CheckResult], float]:
-    """Repeat the checks until all pass or ``timeout_s`` passes; returns (results, seconds)."""
+    """Repeat the checks until all pass or ``timeout_s`` passes; returns (results, seconds).
+    ``on_round`` sees each round's results that did not all pass (to show progress)."""
     clock = clock or SystemClock()
     start = clock.monotonic()
     while True:
@@ -86,6 +88,8 @@ def wait_healthy(
         elapsed = clock.monotonic() - start
         if all(r.passed for r in results) or elapsed >= timeout_s:
             return results, elapsed
+        if on_round is not None:
+            on_round(results, elapsed)
         clock.sleep(min(pause_s, max(0.0, timeout_s - elapsed)))
 
 

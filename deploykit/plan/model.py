@@ -242,10 +242,21 @@ def read_model(path: str | Path) -> ModelInfo:
     """Read a local model directory (config.json; hf_quant_config.json and safetensors when present)."""
     model_dir = Path(path)
     config_path = model_dir / "config.json"
+    download = "e.g. `hf download ORG/NAME --local-dir DIR`, then --model DIR"
+    if not model_dir.exists():
+        raise UsageError(
+            f"the model folder {model_dir} does not exist",
+            f"give the local folder of a Hugging Face model ({download})",
+        )
+    if not model_dir.is_dir():
+        raise UsageError(
+            f"--model {model_dir} is a file, not a model folder",
+            f"give the folder that holds config.json and the safetensors ({download})",
+        )
     if not config_path.is_file():
-        raise ModelError(
-            f"{model_dir} has no config.json",
-            "give the local directory of a Hugging Face model (e.g. `hf download ORG/NAME --local-dir DIR`)",
+        raise UsageError(
+            f"{model_dir} is not a model folder: it has no config.json",
+            f"give the local folder of a Hugging Face model ({download})",
         )
     try:
         config, hf_quant = ckpt.read_configs(model_dir)

@@ -4,6 +4,8 @@
 # add a TLS listener when the stack has a certificate and key (the mqtt_tls_cert and mqtt_tls_key
 # secrets), then start Mosquitto, which drops root to the mosquitto account itself. The root
 # filesystem is read-only: /mosquitto/auth is a tmpfs.
+# `entrypoint.sh --reload-accounts` (run by `deploykit up` on a running stack) only rebuilds the
+# password file; a SIGHUP then makes the running Mosquitto re-read it.
 set -eu
 users=${DEPLOYKIT_MQTT_USERS_FILE:-/run/secrets/mqtt_users}
 passwd=/mosquitto/auth/passwd
@@ -13,10 +15,15 @@ if [ ! -s "$users" ]; then
   exit 3
 fi
 umask 077
-cp "$users" "$passwd"
-mosquitto_passwd -U "$passwd"
-chmod 0600 "$passwd"
-chown mosquitto:mosquitto "$passwd" /mosquitto/data
+cp "$users" "$passwd.new"
+mosquitto_passwd -U "$passwd.new"
+chmod 0600 "$passwd.new"
+chown mosquitto:mosquitto "$passwd.new"
+mv "$passwd.new" "$passwd"
+if [ "${1:-}" = "--reload-accounts" ]; then
+  exit 0
+fi
+chown mosquitto:mosquitto /mosquitto/data
 conf=/mosquitto/auth/conf.d
 mkdir -p "$conf"
 cert=${DEPLOYKIT_MQTT_TLS_CERT_FILE:-/run/secrets/mqtt_tls_cert}

@@ -154,7 +154,8 @@ def test_plan_exit_codes_for_other_refusals(
     assert run(["plan", "--model", m, "--gpus-file", H100, "--quant", "squeezellm"], capsys)[0] == (
         ExitCode.UNSUPPORTED
     )
-    assert run(["plan", "--model", str(tmp_path), "--gpus-file", H100], capsys)[0] == ExitCode.MODEL
+    # not a model folder at all: a usage error, not a checkpoint mismatch
+    assert run(["plan", "--model", str(tmp_path), "--gpus-file", H100], capsys)[0] == ExitCode.USAGE
     code, out, err = run(["plan", "--model", model_dir(QWEN25_32B), "--gpus-file", T4], capsys)
     assert code == ExitCode.MODEL and "no profile fits" in err and "does not fit" in out
 

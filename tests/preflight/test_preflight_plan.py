@@ -117,10 +117,17 @@ def test_broken_safetensors_header_is_a_model_error(make_model: MakeModel) -> No
         read_model(path)
 
 
-def test_directory_without_config_is_a_model_error(tmp_path: Path) -> None:
-    with pytest.raises(ModelError, match=r"no config\.json") as err:
+def test_a_folder_that_is_no_model_is_a_usage_error(tmp_path: Path) -> None:
+    """No config.json, a file, or nothing at all: the --model given is wrong (exit 2), which is
+    not a checkpoint that does not match (exit 6)."""
+    with pytest.raises(UsageError, match=r"no config\.json") as err:
         read_model(tmp_path)
-    assert err.value.exit_code == 6
+    assert err.value.exit_code == 2
+    with pytest.raises(UsageError, match="does not exist"):
+        read_model(tmp_path / "missing")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UsageError, match="is a file, not a model folder"):
+        read_model(tmp_path / "file")
 
 
 @pytest.mark.parametrize(

@@ -137,13 +137,38 @@ def test_written_stack_is_found_again(tmp_path: Path) -> None:
         stack.UpRequest(projects=["general", "maze"], state_dir=tmp_path, mqtt_port=18999),
         inventory=[],
     )
-    stack.write_stack(plan)
-    record = stack.load_stack(state_dir=tmp_path)
+    stack.write_compose(plan)
+    with pytest.raises(UsageError, match="no stack is recorded"):
+        stack.load_stack(plan.name, tmp_path)  # a compose file alone is no stack: up failed
+    stack.record_stack(plan)
+    record = stack.load_stack(stack.default_name(tmp_path), state_dir=tmp_path)
     assert record.projects == ("general", "maze") and record.mqtt_port == 18999
     assert record.served_model_name == "demo" and record.compose_file.is_file()
     assert str(record.secrets_dir).startswith(str(tmp_path.resolve()))
-    with pytest.raises(UsageError, match="no stack named 'other'"):
+    with pytest.raises(UsageError, match="no stack is recorded"):
         stack.load_stack("other", tmp_path)
+    stack.forget_stack(record.folder)
+    with pytest.raises(UsageError, match="no stack is recorded"):
+        stack.load_stack(record.name, tmp_path)
+
+
+def test_default_stack_names_differ_per_checkout(tmp_path: Path) -> None:
+    """Two checkouts of the same name get different stacks by default; each keeps its own."""
+    a, b = tmp_path / "a" / "deploykit", tmp_path / "b" / "deploykit"
+    name_a, name_b = (stack.default_name(p / ".deploykit") for p in (a, b))
+    assert name_a != name_b and name_a.startswith("deploykit-") and name_b.startswith("deploykit-")
+    assert stack.default_name(a / ".deploykit") == name_a  # stable
+    assert stack.check_stack_name(name_a) == name_a
+    weird = stack.default_name(tmp_path / "My Checkout!" / ".deploykit")
+    assert stack.check_stack_name(weird).startswith("my-checkout-")
+    for bad in ("Upper", "-dash", "a b", "x" * 64, ""):
+        with pytest.raises(UsageError, match="not a valid stack name"):
+            stack.check_stack_name(bad)
+    plans = [
+        stack.plan_up(stack.UpRequest(state_dir=p / ".deploykit"), inventory=[]) for p in (a, b)
+    ]
+    assert [p.name for p in plans] == [name_a, name_b]
+    assert plans[0].options.secrets_dir != plans[1].options.secrets_dir
 
 
 # --- health layering and waiting ----------------------------------------------------------------

@@ -1,0 +1,88 @@
+"""Options several commands share: declared once, so one flag name has one meaning everywhere.
+
+- ``--name``/``--state-dir``: which stack (``deploykit.stack``: this checkout's by default, or any
+  stack on the host by name);
+- ``--rebuild``: rebuild images even when they are up to date (build, base-images, up);
+- ``--force``: go ahead although the pre-flight gate refuses (build, up);
+- ``--json``: print JSON instead of a table;
+- ``--wait``/``--timeout``: wait until every health check passes, at most this long (up, health).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from deploykit import hoststacks, matrix, stack
+
+NAME_HELP = (
+    "Stack name (its compose project). Default: this checkout's stack; "
+    "any stack on this host by name (see `deploykit ls`)."
+)
+STATE_DIR_HELP = "Folder of this checkout's stacks (compose file, secrets)."
+
+QUANT_HELP = "Quantization method: " + ", ".join(
+    f"{q.value}" for q in matrix.Quant if not matrix.METHODS[q].removed
+)
+GPU_CLASS_HELP = "GPU class: " + "; ".join(
+    f"{c.value} ({spec.examples})" for c, spec in matrix.GPU_CLASSES.items()
+)
+
+
+def name_option() -> Any:
+    return typer.Option(None, "--name", "-n", help=NAME_HELP, show_default=False)
+
+
+def state_dir_option() -> Any:
+    return typer.Option(stack.DEFAULT_STATE_DIR, "--state-dir", help=STATE_DIR_HELP)
+
+
+def json_option(what: str = "Print JSON.") -> Any:
+    return typer.Option(False, "--json", help=what)
+
+
+def rebuild_option(what: str = "images") -> Any:
+    return typer.Option(False, "--rebuild", help=f"Rebuild the {what} even when up to date.")
+
+
+def force_option(what: str) -> Any:
+    return typer.Option(False, "--force", help=what)
+
+
+def wait_option(what: str = "Wait until every health check passes (at most --timeout).") -> Any:
+    return typer.Option(False, "--wait", help=what)
+
+
+def timeout_option(default: float = 600.0) -> Any:
+    return typer.Option(default, "--timeout", help="Seconds --wait waits at most.")
+
+
+def quant_option(default: str | None = "none", extra: str = "") -> Any:
+    return typer.Option(default, "--quant", "-q", help=f"{QUANT_HELP}.{extra}")
+
+
+def gpu_class_option(extra: str = "") -> Any:
+    return typer.Option(None, "--gpu-class", "-c", help=f"{GPU_CLASS_HELP}.{extra}")
+
+
+def find(name: str | None, state_dir: Path) -> stack.StackRecord:
+    """The stack a command acts on: ``--name`` anywhere on this host, else this checkout's."""
+    return hoststacks.find_stack(name, state_dir)
+
+
+def program() -> str:
+    """How to type this program again: ``deploykit`` when that is on PATH, else its path."""
+    argv0 = Path(sys.argv[0])
+    if argv0.name == "deploykit":
+        on_path = shutil.which("deploykit")
+        if on_path and Path(on_path).resolve() == argv0.resolve():
+            return "deploykit"
+        with contextlib.suppress(ValueError):
+            return str(argv0.resolve().relative_to(Path.cwd().resolve()))
+        return str(argv0)
+    return f"{sys.executable} -m deploykit"
