@@ -27,13 +27,29 @@ class Metrics:
     latency_count: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    #: Per project (what ``deploykit top`` shows): latency bucket counts and tokens by kind.
+    project_latency: dict[str, list[int]] = field(default_factory=dict)
+    project_latency_count: Counter[str] = field(default_factory=Counter)
+    project_tokens: Counter[tuple[str, str]] = field(default_factory=Counter)
 
-    def observe_latency(self, seconds: float) -> None:
+    def observe_latency(self, seconds: float, project: str | None = None) -> None:
         self.latency_sum += seconds
         self.latency_count += 1
+        buckets = None
+        if project is not None:
+            buckets = self.project_latency.setdefault(project, [0] * len(LATENCY_BUCKETS))
+            self.project_latency_count[project] += 1
         for i, bound in enumerate(LATENCY_BUCKETS):
             if seconds <= bound:
                 self.latency_counts[i] += 1
+                if buckets is not None:
+                    buckets[i] += 1
+
+    def count_tokens(self, project: str, prompt: int, completion: int) -> None:
+        self.prompt_tokens += prompt
+        self.completion_tokens += completion
+        self.project_tokens[(project, "prompt")] += prompt
+        self.project_tokens[(project, "completion")] += completion
 
     def render(
         self,
@@ -79,6 +95,29 @@ class Metrics:
             f"deploykit_bridge_request_seconds_sum {self.latency_sum:.6f}",
             f"deploykit_bridge_request_seconds_count {self.latency_count}",
         ]
+        lines += [
+            "# HELP deploykit_bridge_project_request_seconds Time from receipt to reply, by project.",
+            "# TYPE deploykit_bridge_project_request_seconds histogram",
+        ]
+        for project, counts in sorted(self.project_latency.items()):
+            label = f'project="{_esc(project)}"'
+            for bound, n in zip(LATENCY_BUCKETS, counts, strict=True):
+                lines.append(
+                    f'deploykit_bridge_project_request_seconds_bucket{{{label},le="{bound}"}} {n}'
+                )
+            total = self.project_latency_count[project]
+            lines += [
+                f'deploykit_bridge_project_request_seconds_bucket{{{label},le="+Inf"}} {total}',
+                f"deploykit_bridge_project_request_seconds_count{{{label}}} {total}",
+            ]
+        lines += [
+            "# HELP deploykit_bridge_project_tokens_total Tokens processed, by project and kind.",
+            "# TYPE deploykit_bridge_project_tokens_total counter",
+        ]
+        for (project, kind), n in sorted(self.project_tokens.items()):
+            lines.append(
+                f'deploykit_bridge_project_tokens_total{{project="{_esc(project)}",kind="{kind}"}} {n}'
+            )
         for name, value in sorted(gauges.items()):
             lines += [f"# TYPE deploykit_bridge_{name} gauge", f"deploykit_bridge_{name} {value:g}"]
         for name, value in sorted((counters or {}).items()):

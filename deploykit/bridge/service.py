@@ -322,7 +322,7 @@ class Bridge:
     ) -> StoredReply | None:
         """Publish a reply (or drop it when no reply topic is known) and ack the request after it."""
         latency = time.monotonic() - inbound.received
-        self.metrics.observe_latency(latency)
+        self.metrics.observe_latency(latency, inbound.project)
         status = "error" if is_error else "ok"
         self.metrics.requests[(inbound.project, status)] += 1
         if routing.reply_topic is None:
@@ -517,8 +517,9 @@ class Bridge:
                 self.tuning.request_timeout_s,
             )
             self.engine_ok = True
-            self.metrics.prompt_tokens += completion.prompt_tokens
-            self.metrics.completion_tokens += completion.completion_tokens
+            self.metrics.count_tokens(
+                inbound.project, completion.prompt_tokens, completion.completion_tokens
+            )
             if completion.reasoned and not completion.text.strip():
                 raise RequestFailed(
                     ErrorCode.NO_ANSWER,

@@ -9,6 +9,6 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from deploykit.commands import bridge, build, client, core, preflight, stack
+from deploykit.commands import bridge, build, client, core, preflight, stack, top
 
-COMMAND_MODULES: tuple[ModuleType, ...] = (core, preflight, build, stack, client, bridge)
+COMMAND_MODULES: tuple[ModuleType, ...] = (core, preflight, build, stack, client, top, bridge)
