@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import socket
-import sys
 import time
 from pathlib import Path
 
@@ -238,17 +237,21 @@ def register(app: typer.Typer) -> None:
             )
             build_cells(docker, [planned.cell], base_image, wheelhouse, rebuild=rebuild)
         start = time.monotonic()
+        _err.print(
+            f"starting stack {planned.name!r} (compose waits until the engine has loaded the model)"
+        )
         compose_file = stack.up(planned)
         record = stack.load_record(planned.folder)
         gpus_used = ",".join(planned.options.gpu_ids) if planned.cell.gpu_class != "cpu" else "none"
         _err.print(
             f"stack {planned.name!r} up: {planned.cell.quant} on {planned.cell.gpu_class}, "
             f"GPUs {gpus_used}, projects {','.join(record.projects)}, "
-            f"MQTT on port {record.mqtt_port} ({compose_file})"
+            f"MQTT on port {record.mqtt_port} ({compose_file})",
+            soft_wrap=True,
         )
         if wait:
-            waited = wait_for(record, timeout)
-            _err.print(f"healthy {time.monotonic() - start:.1f} s after up (waited {waited:.1f} s)")
+            wait_for(record, timeout)
+            _err.print(f"healthy {time.monotonic() - start:.1f} s after up")
         where = (
             ""
             if name is None and state_dir == stack.DEFAULT_STATE_DIR
@@ -256,7 +259,7 @@ def register(app: typer.Typer) -> None:
         )
         _err.print("next:")
         for line in next_steps(record, where):
-            _err.print(line, markup=False)
+            _err.print(line, markup=False, soft_wrap=True)
 
     @app.command("down")
     def down_cmd(
@@ -291,11 +294,20 @@ def register(app: typer.Typer) -> None:
         tail: str = typer.Option(
             "200", "--tail", help="Lines to show from the end of each service's log, or 'all'."
         ),
+        health_checks: bool = typer.Option(
+            False, "--health-checks", help="Also show the broker's health-check connections."
+        ),
         name: str | None = options.name_option(),
         state_dir: Path = options.state_dir_option(),
     ) -> None:
-        """Show the stack's logs."""
-        stack.logs(options.find(name, state_dir), services or [], follow=follow, tail=tail)
+        """Show the stack's logs (without the broker's health-check connections)."""
+        stack.logs(
+            options.find(name, state_dir),
+            services or [],
+            follow=follow,
+            tail=tail,
+            health_checks=health_checks,
+        )
 
     @app.command("ls")
     def ls_cmd(as_json: bool = options.json_option()) -> None:
@@ -321,6 +333,4 @@ def register(app: typer.Typer) -> None:
                 r["model"] or "-",
                 r["folder"] or "-",
             )
-        Console(
-            highlight=False, width=max(Console().width, 160) if not sys.stdout.isatty() else None
-        ).print(table)
+        _out.print(table)

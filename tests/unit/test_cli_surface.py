@@ -1,0 +1,129 @@
+"""The CLI's surface through the real entry point: help that says what each flag takes, one flag
+name per meaning, usage errors (exit 2) that say what was wrong."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from deploykit.errors import ExitCode
+from deploykit.matrix import METHODS, Quant
+
+REPO = Path(__file__).resolve().parents[2]
+COMMANDS = [
+    "matrix",
+    "render",
+    "gpus",
+    "doctor",
+    "plan",
+    "base-images",
+    "build",
+    "up",
+    "down",
+    "ps",
+    "logs",
+    "ls",
+    "health",
+    "chat",
+    "credentials",
+    "top",
+    "bridge",
+]
+
+
+def deploykit(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "COLUMNS": "200", "TERM": "dumb"}
+    return subprocess.run(
+        [sys.executable, "-m", "deploykit", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=60,
+    )
+
+
+def help_rows(command: str) -> dict[str, str]:
+    """Each option of a command's --help: its name -> the rest of its row."""
+    result = deploykit(command, "--help")
+    assert result.returncode == 0, result.stderr
+    rows = {}
+    for line in result.stdout.splitlines():
+        m = re.match(r"^│\s+(--[a-z-]+)(.*?)│?$", line)
+        if m:
+            rows[m.group(1)] = m.group(2)
+    return rows
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_flags_show_no_value_and_every_option_says_what_it_does(command: str) -> None:
+    result = deploykit(command, "--help")
+    assert result.returncode == 0, result.stderr
+    assert "<bool>" not in result.stdout, f"{command} --help shows a flag as taking a value"
+    for option, row in help_rows(command).items():
+        words = re.sub(r"-\w\b|<\w+>|\[default: [^]]*\]", "", row).strip()
+        assert words, f"`{command} {option}` has no help text"
+
+
+def test_root_help_lists_every_command() -> None:
+    out = deploykit("--help").stdout
+    for command in COMMANDS:
+        assert re.search(rf"│ {command}\s", out), command
+
+
+def test_up_help_lists_the_methods_and_classes() -> None:
+    out = " ".join(deploykit("up", "--help").stdout.split())
+    for q in Quant:
+        if not METHODS[q].removed:
+            assert q.value in out
+    for c in ("cuda-fp8", "cuda", "cpu"):
+        assert c in out
+
+
+def test_one_flag_name_per_meaning() -> None:
+    """--rebuild rebuilds (up, build, base-images); --force overrides the pre-flight gate;
+    --wait is an on/off flag with --timeout wherever it waits."""
+    for command in ("up", "build", "base-images"):
+        assert "--rebuild" in help_rows(command), command
+    assert "--force" not in help_rows("base-images")
+    for command in ("up", "build"):
+        assert "gate" in " ".join(help_rows(command)["--force"].split())
+    for command in ("up", "health"):
+        rows = help_rows(command)
+        assert "<float>" not in rows["--wait"] and "<float>" in rows["--timeout"]
+    for command in ("down", "ps", "logs", "health", "chat", "credentials", "top"):
+        assert "--name" in help_rows(command), command
+
+
+def test_health_wait_takes_no_value() -> None:
+    result = deploykit("health", "--wait", "5")
+    assert result.returncode == ExitCode.USAGE
+    assert "unexpected extra argument" in result.stderr.lower()
+
+
+def test_plan_of_a_missing_model_folder_is_a_usage_error(tmp_path: Path) -> None:
+    missing = tmp_path / "nonexistent"
+    result = deploykit("plan", "--model", str(missing), "--gpu", "H100-80GB")
+    assert result.returncode == ExitCode.USAGE == 2, result.stderr
+    assert f"error: the model folder {missing} does not exist" in result.stderr
+    assert "hint:" in result.stderr
+    (tmp_path / "empty").mkdir()
+    result = deploykit("plan", "--model", str(tmp_path / "empty"), "--gpu", "H100-80GB")
+    assert result.returncode == 2 and "has no config.json" in result.stderr
+
+
+def test_up_with_a_missing_model_folder_is_a_usage_error(tmp_path: Path) -> None:
+    result = deploykit("up", "--model", "./no-such-checkpoint", "--state-dir", str(tmp_path))
+    assert result.returncode == ExitCode.USAGE, result.stderr
+    assert "--model ./no-such-checkpoint: the folder does not exist" in result.stderr
+    assert not any(tmp_path.iterdir()), "a refused up left state behind"
+
+
+def test_bad_stack_name_is_a_usage_error(tmp_path: Path) -> None:
+    result = deploykit("ps", "--name", "Not A Name", "--state-dir", str(tmp_path))
+    assert result.returncode == 2 and "not a valid stack name" in result.stderr
