@@ -450,6 +450,7 @@ def up(plan: StackPlan, *, start: bool = True, services: Sequence[str] = ()) -> 
     folder = ensure_secrets(Path(plan.options.secrets_dir), plan.options.projects)
     if plan.tls_files is not None:
         copy_tls(folder, *plan.tls_files)
+    existed = (plan.folder / RECORD_FILE).is_file()
     compose_file = write_compose(plan)
     broker_before = _running_broker(plan.name) if start else None
     args = ["up", "-d", "--remove-orphans"] if start else ["up", "--no-start"]
@@ -457,9 +458,10 @@ def up(plan: StackPlan, *, start: bool = True, services: Sequence[str] = ()) -> 
         compose(plan.name, compose_file, [*args, *services], capture=True)
     except DockerError as err:
         diagnosis = _diagnose(plan.name, compose_file)
-        # Leave nothing half-started behind (volumes stay: a retry keeps the broker's data).
+        # Leave nothing half-started behind; a stack that was up before keeps its broker's data.
+        down_args = ["down", "--remove-orphans"] + ([] if existed else ["--volumes"])
         with contextlib.suppress(DockerError):
-            compose(plan.name, compose_file, ["down", "--remove-orphans"], capture=True)
+            compose(plan.name, compose_file, down_args, capture=True)
         forget_stack(plan.folder)
         low = err.message.lower()
         if "address already in use" in low or "port is already allocated" in low:

@@ -31,6 +31,9 @@ command -v docker-compose >/dev/null 2>&1 || docker compose version >/dev/null 2
 if [[ $want_tests -eq 1 ]]; then
   command -v mosquitto >/dev/null 2>&1 || [[ -x /usr/sbin/mosquitto ]] || need_pkgs+=(mosquitto mosquitto-clients)
   command -v debootstrap >/dev/null 2>&1 || [[ -x /usr/sbin/debootstrap ]] || need_pkgs+=(debootstrap)
+  command -v tmux >/dev/null 2>&1 || need_pkgs+=(tmux)
+  command -v node >/dev/null 2>&1 || need_pkgs+=(nodejs)
+  command -v npm >/dev/null 2>&1 || need_pkgs+=(npm)
 fi
 if ((${#need_pkgs[@]})); then
   if [[ $(id -u) -ne 0 ]] || ! command -v apt-get >/dev/null 2>&1; then
@@ -82,5 +85,10 @@ if [[ $want_tests -eq 1 ]]; then
     "$venv/bin/pip" uninstall -q -y torchvision torchaudio torchcodec
   fi
   say "vLLM CPU python: $venv/bin/python"
+  # the Node.js example client's mqtt.js (examples/node), run against the stack by the tests
+  if [[ ! -d examples/node/node_modules/mqtt ]] || [[ examples/node/package-lock.json -nt examples/node/node_modules ]]; then
+    say "installing examples/node's dependencies (npm ci)"
+    npm ci --prefix examples/node --no-audit --no-fund >/dev/null
+  fi
 fi
 say "ready"
