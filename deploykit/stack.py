@@ -18,7 +18,6 @@ import json
 import re
 import shutil
 import subprocess
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,7 +27,7 @@ from deploykit import matrix, render
 from deploykit.errors import DockerError, GpuError, UnsupportedError, UsageError
 from deploykit.matrix import Cell, GpuClass, Quant
 from deploykit.plan import DEFAULT_GPU_MEMORY_UTILIZATION, gate
-from deploykit.ports import BROKER_HEALTH_PORT, MQTT_PORT, MQTT_TLS_PORT
+from deploykit.ports import MQTT_PORT, MQTT_TLS_PORT
 from deploykit.secrets import copy_tls, ensure_secrets
 
 DEFAULT_STATE_DIR = Path(".deploykit")
@@ -536,55 +535,8 @@ def ps(record: StackRecord) -> str:
     return compose(record.name, record.compose_file, ["ps"], capture=True).stdout
 
 
-class HealthCheckNoise:
-    """Recognises the broker's own health check in its log (a connection on the health listener,
-    the client it connects as, its disconnection: three lines every few seconds), so ``deploykit
-    logs`` can leave them out."""
-
-    def __init__(self) -> None:
-        self.clients: set[str] = set()
-        self._port = re.compile(rf" on port {BROKER_HEALTH_PORT}\.$")
-        self._connected = re.compile(r"New client connected from 127\.0\.0\.1:\d+ as (\S+) ")
-        self._gone = re.compile(r"Client (\S+) disconnected\.$")
-
-    def __call__(self, line: str) -> bool:
-        text = line.rstrip()
-        if self._port.search(text):
-            return True
-        m = self._connected.search(text)
-        if m and m.group(1).startswith("auto-"):
-            self.clients.add(m.group(1))
-            return True
-        m = self._gone.search(text)
-        if m and m.group(1) in self.clients:
-            self.clients.discard(m.group(1))
-            return True
-        return False
-
-
 def logs(
-    record: StackRecord,
-    services: Sequence[str] = (),
-    *,
-    follow: bool = False,
-    tail: str = "200",
-    health_checks: bool = False,
+    record: StackRecord, services: Sequence[str] = (), *, follow: bool = False, tail: str = "200"
 ) -> None:
-    """Print the stack's logs (the broker's health-check lines left out unless ``health_checks``)."""
     args = ["logs", "--no-color", f"--tail={tail}"] + (["--follow"] if follow else [])
-    if health_checks:
-        compose(record.name, record.compose_file, [*args, *services])
-        return
-    noise = HealthCheckNoise()
-    cmd = [*compose_command(), "-p", record.name, "-f", str(record.compose_file), *args, *services]
-    with subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, errors="replace") as proc:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            if not noise(line):
-                sys.stdout.write(line)
-                sys.stdout.flush()
-    if proc.returncode != 0:
-        raise DockerError(
-            f"`{' '.join(cmd)}` failed (exit {proc.returncode})",
-            f"see `deploykit ps --name {record.name}`",
-        )
+    compose(record.name, record.compose_file, [*args, *services])

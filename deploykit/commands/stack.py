@@ -294,20 +294,11 @@ def register(app: typer.Typer) -> None:
         tail: str = typer.Option(
             "200", "--tail", help="Lines to show from the end of each service's log, or 'all'."
         ),
-        health_checks: bool = typer.Option(
-            False, "--health-checks", help="Also show the broker's health-check connections."
-        ),
         name: str | None = options.name_option(),
         state_dir: Path = options.state_dir_option(),
     ) -> None:
-        """Show the stack's logs (without the broker's health-check connections)."""
-        stack.logs(
-            options.find(name, state_dir),
-            services or [],
-            follow=follow,
-            tail=tail,
-            health_checks=health_checks,
-        )
+        """Show the stack's logs."""
+        stack.logs(options.find(name, state_dir), services or [], follow=follow, tail=tail)
 
     @app.command("ls")
     def ls_cmd(as_json: bool = options.json_option()) -> None:
