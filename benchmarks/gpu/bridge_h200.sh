@@ -49,7 +49,7 @@ for c in 64 256 512; do
   $py -m vllm.entrypoints.cli.main bench serve --backend openai-chat \
     --base-url http://127.0.0.1:$port --endpoint /v1/chat/completions --model bench \
     --tokenizer "$model" --dataset-name random --random-input-len 24 --random-output-len 128 \
-    --ignore-eos --num-prompts $((2 * c)) --max-concurrency $c \
+    --ignore-eos --num-prompts $((${ROUNDS:-3} * c)) --max-concurrency $c \
     --save-result --result-dir "$OUT" --result-filename "vllm-bench-$kind-c$c.json" \
     >"$OUT/vllm-bench-$kind-c$c.log" 2>&1
   grep -E "Request throughput|Output token throughput|Failed requests" "$OUT/vllm-bench-$kind-c$c.log" | sed "s/^/vllm bench c=$c: /"
@@ -58,6 +58,6 @@ done
 # MQTT against direct; the bridge and Mosquitto are started by the benchmark.
 $py benchmarks/bridge_throughput.py --engine http://127.0.0.1:$port \
   --mosquitto /tmp/mq/usr/sbin/mosquitto --concurrency 1,64,256,512 --modes whole,stream \
-  --max-tokens 128 --rounds 2 --overhead-pairs 20 --clients 8 --json "$OUT/bridge-$kind.json" \
+  --max-tokens 128 --rounds "${ROUNDS:-3}" --overhead-pairs 20 --clients 8 --json "$OUT/bridge-$kind.json" \
   2>"$OUT/bridge-$kind.log"
 echo "done in $(( $(date +%s) - t0 )) s"

@@ -77,16 +77,24 @@ class DedupeCache:
         return len(self._entries)
 
     def _prune(self) -> None:
+        """Drop expired entries, and the oldest answered ones beyond ``max_entries``. Entries are
+        in creation order, so this looks only at the oldest few (no copy of the map per call)."""
         now = self._clock()
-        over = len(self._entries) - self.max_entries
-        for key in list(self._entries):
-            entry = self._entries[key]
+        skipped: list[Any] = []  # pending entries over the bound: kept until they expire
+        while self._entries:
+            key, entry = next(iter(self._entries.items()))
             expired = now - entry.created > self.ttl_s
-            if not expired and over <= 0:
-                break  # entries are in creation order: the rest are newer
-            if expired or entry.reply is not None:  # a pending entry stays until it expires
-                del self._entries[key]
-                over -= 1
+            over = len(self._entries) + len(skipped) > self.max_entries
+            if not expired and not over:
+                break
+            self._entries.pop(key)
+            if not expired and entry.reply is None:
+                skipped.append((key, entry))
+            if len(skipped) > 64:  # many pending entries: stop looking, keep them
+                break
+        for key, entry in reversed(skipped):  # back in front, in their order
+            self._entries[key] = entry
+            self._entries.move_to_end(key, last=False)
 
     def begin(self, key: Any, fingerprint: bytes = b"") -> _Entry | None:
         """Register a new request. Returns the existing entry when the key is known (a repeat, or

@@ -587,7 +587,8 @@ class Bridge:
         seq = 0
         last = float("-inf")  # the first text goes out at once (time to first token)
         final: Completion | None = None
-        async for item in self.engine.chat_stream(messages, params):
+        pace = self.tuning.stream_read_interval_s
+        async for item in self.engine.chat_stream(messages, params, pace_s=pace):
             if isinstance(item, Completion):
                 final = item
                 break
@@ -595,13 +596,13 @@ class Bridge:
             now = time.monotonic()
             if now - last >= self.tuning.stream_interval_s:
                 payload = stream_payload(routing, seq, "".join(pending))
-                inbound.session.publish(topic, payload, properties=props, track=False)
+                inbound.session.publish_part(topic, payload, properties=props)
                 seq += 1
                 pending.clear()
                 last = now
         if pending:
             payload = stream_payload(routing, seq, "".join(pending))
-            inbound.session.publish(topic, payload, properties=props, track=False)
+            inbound.session.publish_part(topic, payload, properties=props)
         if final is None:
             raise EngineError("the engine's stream ended early", 502)
         return final

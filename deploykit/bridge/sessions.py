@@ -136,10 +136,13 @@ class SessionStore:
         return len(stale)
 
     def _evict_over_limit(self) -> None:
-        if len(self._sessions) <= self.max_sessions:
-            return
-        for key in list(self._sessions):
-            if len(self._sessions) <= self.max_sessions:
-                break
-            if not self._busy(key):
+        """Drop the least recently used sessions beyond ``max_sessions``, busy ones aside (they
+        move to the back). Looks only at the oldest few, never copies the map."""
+        busy_seen = 0
+        while len(self._sessions) > self.max_sessions and busy_seen < len(self._sessions):
+            key = next(iter(self._sessions))
+            if self._busy(key):
+                self._sessions.move_to_end(key)
+                busy_seen += 1
+            else:
                 del self._sessions[key]

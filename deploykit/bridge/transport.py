@@ -146,9 +146,16 @@ class ProjectSession:
         payload: bytes,
         *,
         properties: Properties | None = None,
-        track: bool = True,
     ) -> asyncio.Future[int] | None:
-        return self.mqtt.publish(topic, payload, properties=properties, track=track)
+        """A reply, at QoS 1; the future resolves at the broker's PUBACK."""
+        return self.mqtt.publish(topic, payload, properties=properties, track=True)
+
+    def publish_part(
+        self, topic: str, payload: bytes, *, properties: Properties | None = None
+    ) -> None:
+        """A stream part, at QoS 0: a preview of the reply, which follows at QoS 1 with the whole
+        text. Half the packets of QoS 1 (no PUBACK), the bridge's main cost when streaming."""
+        self.mqtt.publish(topic, payload, qos=0, properties=properties)
 
 
 class StatusSession:
