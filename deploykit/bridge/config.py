@@ -34,8 +34,7 @@ YAML config (every key optional; the values shown are the defaults)::
       mqtt_keepalive_s: 30
       request_timeout_s: 300
       stream_interval_s: 0.1       # stream parts after the first: at most one per interval
-      stream_read_interval_s: 0.025  # reads of the engine's stream after the first text: at most
-                                   # one per interval (fewer wake-ups; the end waits <= this)
+      engine_stream_tokens: 4      # tokens per streamed event from the engine after the first
       engine_keepalive_s: 4        # below the engine's own keep-alive (uvicorn: 5 s)
       engine_retries: 3            # attempts after a connection failure before any token
 """
@@ -98,7 +97,7 @@ class BridgeTuning(BaseModel):
     mqtt_keepalive_s: int = Field(30, ge=2, le=65535)
     request_timeout_s: float = Field(300.0, gt=0)
     stream_interval_s: float = Field(0.1, ge=0)
-    stream_read_interval_s: float = Field(0.025, ge=0)
+    engine_stream_tokens: int = Field(4, ge=1, le=64)
     engine_keepalive_s: float = Field(4.0, gt=0)
     engine_retries: int = Field(3, ge=0, le=10)
 

@@ -250,20 +250,22 @@ class EngineClient:
         )
 
     async def chat_stream(
-        self, messages: list[dict[str, str]], params: dict[str, Any], *, pace_s: float = 0.0
+        self, messages: list[dict[str, str]], params: dict[str, Any], *, tokens_per_event: int = 1
     ) -> AsyncIterator[str | Completion]:
         """Yield text deltas, then one final ``Completion`` with the whole text and usage.
 
         Server-sent events arrive as ``data: {json}`` blocks separated by a blank line; the
-        connection's bytes are split into events directly. Each read yields one delta (all the
-        text it brought). With ``pace_s``, reads after the first text are at least ``pace_s`` apart,
-        with the connection's reading paused in between: the engine's events wait in the socket
-        buffer and one read takes several, instead of one wake-up per token (the bridge's main cost
-        when streaming). The first text is read at once; the end may wait up to ``pace_s``.
+        connection's bytes are split into events directly, and each read yields one delta (all the
+        text it brought). Every event costs the bridge a wake-up, its main cost when streaming, so
+        ``tokens_per_event`` > 1 asks vLLM to batch that many tokens into each event after the
+        first (the request's ``stream_interval``, vllm/sampling_params.py: the first and the final
+        output are always sent at once; an engine that does not know the field ignores it).
         """
         body = self._body(messages, params)
         body["stream"] = True
         body["stream_options"] = {"include_usage": True}
+        if tokens_per_event > 1:
+            body["stream_interval"] = tokens_per_event
         data = orjson.dumps(body)
         stream = _SseState()
         attempt = 0
@@ -274,24 +276,13 @@ class EngineClient:
                         raise EngineError(
                             _error_text(response.status, await response.read()), response.status
                         )
-                    protocol = response.connection.protocol if response.connection else None
-                    try:
-                        while not stream.done:
-                            chunk = await response.content.readany()
-                            if not chunk:
-                                break
-                            delta = stream.feed(chunk)
-                            if delta:
-                                yield delta
-                            if pace_s > 0 and stream.parts and not stream.done and protocol:
-                                protocol.pause_reading()
-                                try:
-                                    await asyncio.sleep(pace_s)
-                                finally:
-                                    protocol.resume_reading()
-                    finally:
-                        if protocol is not None:
-                            protocol.resume_reading()
+                    while not stream.done:
+                        chunk = await response.content.readany()
+                        if not chunk:
+                            break
+                        delta = stream.feed(chunk)
+                        if delta:
+                            yield delta
                 break
             except _RETRYABLE as err:
                 if stream.parts:  # text already went out: the stream cannot start again

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import sys
@@ -66,4 +67,8 @@ def run_bridge(settings: Settings) -> None:
         settings.engine,
         credentials.username if credentials else "(anonymous)",
     )
+    # Everything made so far (modules, config) lives as long as the process: keep it out of the
+    # cyclic garbage collector's full collections, which otherwise walk it again and again.
+    gc.collect()
+    gc.freeze()
     asyncio.run(_main(bridge))

@@ -587,8 +587,9 @@ class Bridge:
         seq = 0
         last = float("-inf")  # the first text goes out at once (time to first token)
         final: Completion | None = None
-        pace = self.tuning.stream_read_interval_s
-        async for item in self.engine.chat_stream(messages, params, pace_s=pace):
+        async for item in self.engine.chat_stream(
+            messages, params, tokens_per_event=self.tuning.engine_stream_tokens
+        ):
             if isinstance(item, Completion):
                 final = item
                 break
