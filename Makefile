@@ -14,6 +14,9 @@ PROJECTS ?=
 NAME ?=
 MQTT_PORT ?=
 ARGS ?=
+DURATION ?= 600
+SOAK_NAME ?= soak
+SOAK_PORT ?= 18883
 DK := .venv/bin/deploykit
 comma := ,
 PROJECT ?= $(or $(firstword $(subst $(comma), ,$(PROJECTS))),general)
@@ -23,7 +26,7 @@ UP_ARGS := $(if $(QUANT),--quant $(QUANT)) $(if $(GPU),--gpus $(GPU)) \
   $(if $(PROJECTS),--projects $(PROJECTS)) $(if $(MQTT_PORT),--mqtt-port $(MQTT_PORT)) $(WHERE)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup up down health logs ps ls chat credentials top build render check test lint
+.PHONY: help setup up down health logs ps ls chat credentials top build render check test lint soak
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -72,6 +75,10 @@ check: ## fail when images/ or compose/ are not what the templates produce
 test: ## run every test (provisions Mosquitto, debootstrap, the vLLM CPU build, Node's mqtt.js first)
 	bash scripts/provision.sh --tests
 	.venv/bin/pytest
+
+soak: setup ## faults under load on a cpu stack of its own for DURATION s (root); fails if a request was lost
+	$(DK) up --name $(SOAK_NAME) --projects soak --mqtt-port $(SOAK_PORT) --bridge-config benchmarks/soak-bridge.yaml --wait
+	$(DK) soak --name $(SOAK_NAME) --duration $(DURATION) --json benchmarks/results/soak.json; status=$$?; $(DK) down --name $(SOAK_NAME); exit $$status
 
 lint: ## ruff (lint + format) and mypy
 	.venv/bin/ruff check .

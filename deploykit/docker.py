@@ -302,10 +302,13 @@ class Docker:
         except docker.errors.APIError as exc:
             raise explain(exc) from exc
 
-    def exec(self, container: str, command: list[str], timeout_s: float = 30.0) -> tuple[int, str]:
-        """Run a command in a running container; returns (exit code, combined output)."""
+    def exec(
+        self, container: str, command: list[str], timeout_s: float = 30.0, user: str = ""
+    ) -> tuple[int, str]:
+        """Run a command in a running container (as ``user``, default the image's); returns (exit
+        code, combined output)."""
         try:
-            result = self.client.containers.get(container).exec_run(command, demux=False)
+            result = self.client.containers.get(container).exec_run(command, demux=False, user=user)
         except docker.errors.NotFound as exc:
             raise DockerError(
                 f"container {container} is not running", "start the stack: deploykit up"
@@ -323,6 +326,31 @@ class Docker:
             raise DockerError(
                 f"container {container} is not running", "start the stack: deploykit up"
             ) from exc
+        except docker.errors.APIError as exc:
+            raise explain(exc) from exc
+
+    def restart(self, container: str, timeout_s: int = 10) -> None:
+        """``docker restart``: stop (SIGTERM, then SIGKILL after ``timeout_s``) and start again."""
+        try:
+            self.client.api.restart(container, timeout=timeout_s)
+        except docker.errors.APIError as exc:
+            raise explain(exc) from exc
+
+    def main_pid(self, container: str) -> int:
+        """The host's pid of a running container's main process (0 when it is not running)."""
+        return int(self.container_attrs(container).get("State", {}).get("Pid") or 0)
+
+    def disconnect_network(self, network: str, container: str) -> None:
+        try:
+            self.client.api.disconnect_container_from_network(container, network, force=True)
+        except docker.errors.APIError as exc:
+            raise explain(exc) from exc
+
+    def connect_network(
+        self, network: str, container: str, aliases: list[str] | None = None
+    ) -> None:
+        try:
+            self.client.api.connect_container_to_network(container, network, aliases=aliases)
         except docker.errors.APIError as exc:
             raise explain(exc) from exc
 

@@ -9,6 +9,15 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from deploykit.commands import bridge, build, client, core, preflight, stack, top
+from deploykit.commands import bridge, build, client, core, preflight, soak, stack, top
 
-COMMAND_MODULES: tuple[ModuleType, ...] = (core, preflight, build, stack, client, top, bridge)
+COMMAND_MODULES: tuple[ModuleType, ...] = (
+    core,
+    preflight,
+    build,
+    stack,
+    client,
+    top,
+    soak,
+    bridge,
+)

@@ -326,7 +326,7 @@ class Watchdog:
     exits and is restarted."""
 
     port: int = 8000
-    interval_s: float = 10.0
+    interval_s: float = 5.0
     timeout_s: float = 5.0
     failures: int = 3
 
@@ -337,7 +337,7 @@ class Watchdog:
             return None
         return cls(
             port=int(arg_value(args, "--port") or 8000),
-            interval_s=float(env.get("DEPLOYKIT_WATCHDOG_INTERVAL_S", 10)),
+            interval_s=float(env.get("DEPLOYKIT_WATCHDOG_INTERVAL_S", 5)),
             timeout_s=float(env.get("DEPLOYKIT_WATCHDOG_TIMEOUT_S", 5)),
             failures=int(env.get("DEPLOYKIT_WATCHDOG_FAILURES", 3)),
         )
