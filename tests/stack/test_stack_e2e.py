@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -21,7 +22,10 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from deploykit import build, render, stack
 from deploykit.docker import Docker
+from deploykit.errors import CheckFailed
 from deploykit.matrix import resolve_target
+from deploykit.mqttclient import Credentials, parse_broker_url
+from deploykit.mqttclient import request as mqtt_request
 from deploykit.secrets import SecretsFolder
 
 from .conftest import WHEELHOUSE, Stopwatch, free_port
@@ -81,8 +85,32 @@ def test_images_carry_no_wheelhouse_and_say_what_they_are(
 
 
 @pytest.fixture(scope="module")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A CA and a broker certificate for 127.0.0.1 signed by it, made here with openssl."""
+    d = tmp_path_factory.mktemp("tls")
+    files = {k: d / f"{k}.pem" for k in ("ca", "ca-key", "cert", "key", "csr")}
+    (d / "san.cnf").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    for cmd in (
+        ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=test CA",
+         "-keyout", files["ca-key"], "-out", files["ca"]],
+        ["req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1",
+         "-keyout", files["key"], "-out", files["csr"]],
+        ["x509", "-req", "-in", files["csr"], "-CA", files["ca"], "-CAkey", files["ca-key"],
+         "-CAcreateserial", "-days", "2", "-extfile", d / "san.cnf", "-out", files["cert"]],
+    ):  # fmt: skip
+        subprocess.run(["openssl", *map(str, cmd)], check=True, capture_output=True)
+    return files
+
+
+TLS_PORT = free_port()
+
+
+@pytest.fixture(scope="module")
 def running(
-    built: list[build.Built], tmp_path_factory: pytest.TempPathFactory, timings: Stopwatch
+    built: list[build.Built],
+    tmp_path_factory: pytest.TempPathFactory,
+    timings: Stopwatch,
+    tls_files: dict[str, Path],
 ) -> Iterator[stack.StackRecord]:
     state = tmp_path_factory.mktemp("state")
     port = free_port()
@@ -97,6 +125,12 @@ def running(
         str(port),
         "--projects",
         "general,maze",
+        "--mqtt-tls-cert",
+        str(tls_files["cert"]),
+        "--mqtt-tls-key",
+        str(tls_files["key"]),
+        "--mqtt-tls-port",
+        str(TLS_PORT),
         "--wait",
         "--timeout",
         "300",
@@ -110,6 +144,27 @@ def running(
         yield stack.load_stack(NAME, state)
     finally:
         cli("down", "--name", NAME, "--state-dir", str(state))
+
+
+def test_tls_listener_answers_with_the_users_certificate(
+    running: stack.StackRecord, tls_files: dict[str, Path]
+) -> None:
+    """The broker's TLS listener serves the certificate given to `up` (verified against its CA,
+    host name checked) with the same accounts and ACL; a client that does not trust the CA is
+    refused; plain MQTT on the TLS port gets nowhere."""
+    folder = SecretsFolder(running.secrets_dir)
+    creds = Credentials("general", folder.client_password("general"))
+    address = parse_broker_url(f"mqtts://127.0.0.1:{TLS_PORT}", ca_file=tls_files["ca"])
+    reply = mqtt_request(address, "general", "hello over TLS", credentials=creds, timeout_s=120)
+    assert reply.json()["status"] == "ok"
+    untrusted = parse_broker_url(f"mqtts://127.0.0.1:{TLS_PORT}")  # the system's CAs only
+    with pytest.raises(CheckFailed, match=r"cannot reach|refused|certificate"):
+        mqtt_request(untrusted, "general", "x", credentials=creds, timeout_s=10)
+    plain = parse_broker_url(f"mqtt://127.0.0.1:{TLS_PORT}")
+    with pytest.raises(CheckFailed):
+        mqtt_request(plain, "general", "x", credentials=creds, timeout_s=10)
+    assert "PRIVATE KEY" in folder.tls_key_file.read_text()
+    assert stat.S_IMODE(folder.tls_key_file.stat().st_mode) == 0o600
 
 
 def test_plain_paho_client_gets_an_answer(running: stack.StackRecord) -> None:
