@@ -1,6 +1,7 @@
 """The bridge service: request handling on one asyncio loop: validation, rate limits, queue bounds,
-de-duplication, fair scheduling (deploykit.bridge.scheduler), generation through the engine,
-replies, acknowledgements, health and metrics. The MQTT sessions are ``transport``'s.
+de-duplication, generation through the engine, health and metrics. The MQTT sessions are
+``transport``'s, who gets the next engine slot is ``scheduler``'s, and replies, acknowledgements
+and drops are ``replies``'.
 
 Delivery (docs in README.md): requests arrive at QoS 1 with manual acknowledgement; a request is
 acknowledged only after its reply's own PUBACK, so a crash before that makes the broker redeliver it
@@ -39,35 +40,20 @@ from deploykit.bridge.protocol import (
     RequestFailed,
     Routing,
     envelope,
-    error_payload,
     ok_payload,
     parse_request,
     stream_payload,
 )
+from deploykit.bridge.replies import Inbound, Replies
 from deploykit.bridge.scheduler import FairScheduler, SessionKey
 from deploykit.bridge.sessions import SessionStore, Turn
 from deploykit.bridge.transport import ProjectSession, StatusSession
 from deploykit.mqttclient import Credentials, parse_broker_url
-from deploykit.mqttloop import MqttPublishError, publish_properties
+from deploykit.mqttloop import publish_properties
 
 log = logging.getLogger("deploykit.bridge")
 
 DedupeKey = tuple[str, str, str]  # (project, sessionId, requestId)
-
-
-@dataclass
-class Inbound:
-    """A received MQTT message still to be acknowledged."""
-
-    session: ProjectSession
-    mid: int
-    qos: int
-    received: float
-    correlation: bytes | None
-
-    @property
-    def project(self) -> str:
-        return self.session.project
 
 
 @dataclass(frozen=True)
@@ -139,6 +125,7 @@ class Bridge:
             if cfg.rate_limit_per_minute
         }
         self.http = HttpEndpoint(self.health, self.render_metrics)
+        self.replies = Replies(self.metrics)
         self.prompts = PromptBuilder(self.engine)
         self.engine_ok = False
         self.mqtt: dict[str, ProjectSession] = {}
@@ -293,83 +280,6 @@ class Bridge:
             },
         )
 
-    # ---------------------------------------------------------------- replies and acks
-    def _ack_after(self, inbound: Inbound, future: asyncio.Future[int] | None) -> None:
-        def done(_f: object = None) -> None:
-            inbound.session.ack(inbound.mid, inbound.qos)
-            self.metrics.in_flight -= 1
-
-        if future is None:
-            done()
-        else:
-            future.add_done_callback(done)
-
-    def _drop(self, inbound: Inbound, code: str, why: str) -> None:
-        """Acknowledge a message that gets no reply, and count it."""
-        self.metrics.dropped += 1
-        self.metrics.errors[code] += 1
-        log.warning("dropped a message of project %s: %s", inbound.project, why)
-        self._ack_after(inbound, None)
-
-    def _send_reply(
-        self,
-        inbound: Inbound,
-        routing: Routing,
-        payload: bytes,
-        *,
-        is_error: bool,
-        code: str | None = None,
-    ) -> StoredReply | None:
-        """Publish a reply (or drop it when no reply topic is known) and ack the request after it."""
-        latency = time.monotonic() - inbound.received
-        self.metrics.observe_latency(latency, inbound.project)
-        status = "error" if is_error else "ok"
-        self.metrics.requests[(inbound.project, status)] += 1
-        if routing.reply_topic is None:
-            self._drop(inbound, code or "no_reply_topic", f"{code}, and no reply topic is known")
-            return None
-        if code:
-            self.metrics.errors[code] += 1
-        users = [("status", status)]
-        if routing.request_id is not None:
-            users.append(("requestId", routing.request_id))
-        if code:
-            users.append(("errorCode", code))
-        json_reply = is_error or routing.format == "json"
-        ctype = "application/json" if json_reply else "text/plain; charset=utf-8"
-        try:
-            future = inbound.session.publish(
-                routing.reply_topic,
-                payload,
-                properties=publish_properties(
-                    correlation=inbound.correlation, content_type=ctype, user_properties=users
-                ),
-            )
-        except (MqttPublishError, ValueError) as err:  # never a reason to keep the request
-            self._drop(inbound, "unpublishable", f"its reply could not be published: {err}")
-            return None
-        self._ack_after(inbound, future)
-        log.info(
-            "%s %s/%s request=%s -> %s (%.0f ms)%s",
-            status,
-            inbound.project,
-            routing.session_id,
-            routing.request_id,
-            routing.reply_topic,
-            latency * 1000,
-            f" [{code}]" if code else "",
-        )
-        return StoredReply(routing.reply_topic, payload, users)
-
-    def _reject(self, inbound: Inbound, routing: Routing, code: ErrorCode, message: str) -> None:
-        self._send_reply(
-            inbound,
-            routing,
-            error_payload(routing, code.value, message),
-            is_error=True,
-            code=code.value,
-        )
-
     def _handle_message(self, session: ProjectSession, msg: mqtt.MQTTMessage) -> None:
         """A message from ``{project}/user_input`` (on the loop). Whatever happens, it ends
         acknowledged: answered, answered with an error, or counted as dropped."""
@@ -387,12 +297,12 @@ class Bridge:
                 max_message_chars=self.tuning.max_message_chars,
             )
             if isinstance(parsed, Rejection):
-                self._reject(inbound, parsed.routing, parsed.code, parsed.message)
+                self.replies.reject(inbound, parsed.routing, parsed.code, parsed.message)
                 return
             self._accept(inbound, parsed)
         except Exception as err:  # never let one message stop the bridge or hold its slot
             log.exception("failed to handle a message of project %s", session.project)
-            self._drop(inbound, ErrorCode.INTERNAL_ERROR.value, f"internal error: {err!r}")
+            self.replies.drop(inbound, ErrorCode.INTERNAL_ERROR.value, f"internal error: {err!r}")
 
     def _accept(self, inbound: Inbound, parsed: Accepted) -> None:
         request, routing = parsed.request, parsed.routing
@@ -412,7 +322,7 @@ class Bridge:
             entry = self.dedupe.begin(dedupe_key, print_)
             if entry is not None:
                 if self.dedupe.conflicts(entry, print_):
-                    self._reject(
+                    self.replies.reject(
                         inbound,
                         routing,
                         ErrorCode.CONFLICT,
@@ -427,7 +337,7 @@ class Bridge:
         if problem is not None:
             if dedupe_key is not None:
                 self.dedupe.finish(dedupe_key, None)
-            self._reject(inbound, routing, *problem)
+            self.replies.reject(inbound, routing, *problem)
             return
         if request.probe:
             self._spawn(self._run_probe(inbound, parsed, dedupe_key))
@@ -473,19 +383,10 @@ class Bridge:
                 self._accept(inbound, parsed)
                 return
             log.info("repeat of request %s answered from the cache", parsed.routing.request_id)
-            topic = parsed.routing.reply_topic or stored.topic
-            future = inbound.session.publish(
-                topic,
-                stored.payload,
-                properties=publish_properties(
-                    correlation=inbound.correlation,
-                    user_properties=[*stored.user_properties, ("duplicate", "true")],
-                ),
-            )
-            self._ack_after(inbound, future)
+            self.replies.repeat(inbound, parsed.routing, stored)
         except Exception as err:
             log.exception("failed to answer a repeated request")
-            self._drop(inbound, ErrorCode.INTERNAL_ERROR.value, f"internal error: {err!r}")
+            self.replies.drop(inbound, ErrorCode.INTERNAL_ERROR.value, f"internal error: {err!r}")
 
     # ---------------------------------------------------------------- generation
     async def _chat(
@@ -536,15 +437,15 @@ class Bridge:
                 "prompt_tokens": completion.prompt_tokens,
                 "completion_tokens": completion.completion_tokens,
             }
-            stored = self._send_reply(
+            stored = self.replies.send(
                 inbound, routing, ok_payload(routing, completion.text, usage), is_error=False
             )
         except RequestFailed as err:
-            self._reject(inbound, routing, err.code, err.message)
+            self.replies.reject(inbound, routing, err.code, err.message)
         except EngineError as err:
-            self._reject(inbound, routing, *self._engine_error(err))
+            self.replies.reject(inbound, routing, *self._engine_error(err))
         except TimeoutError:
-            self._reject(
+            self.replies.reject(
                 inbound,
                 routing,
                 ErrorCode.TIMEOUT,
@@ -552,7 +453,9 @@ class Bridge:
             )
         except Exception as err:
             log.exception("request failed")
-            self._reject(inbound, routing, ErrorCode.INTERNAL_ERROR, f"internal error: {err!r}")
+            self.replies.reject(
+                inbound, routing, ErrorCode.INTERNAL_ERROR, f"internal error: {err!r}"
+            )
         finally:
             if dedupe_key is not None:
                 self.dedupe.finish(dedupe_key, stored)
@@ -635,15 +538,17 @@ class Bridge:
             payload = envelope(
                 routing, text=completion.text, usage=usage, model=self.engine.model_name
             )
-            stored = self._send_reply(inbound, routing, payload, is_error=False)
+            stored = self.replies.send(inbound, routing, payload, is_error=False)
         except (EngineError, TimeoutError) as err:
             self.engine_ok = False
-            self._reject(
+            self.replies.reject(
                 inbound, routing, ErrorCode.ENGINE_UNAVAILABLE, f"engine probe failed: {err}"
             )
         except Exception as err:
             log.exception("probe failed")
-            self._reject(inbound, routing, ErrorCode.INTERNAL_ERROR, f"internal error: {err!r}")
+            self.replies.reject(
+                inbound, routing, ErrorCode.INTERNAL_ERROR, f"internal error: {err!r}"
+            )
         finally:
             if dedupe_key is not None:
                 self.dedupe.finish(dedupe_key, stored)
