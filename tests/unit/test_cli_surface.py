@@ -127,3 +127,25 @@ def test_up_with_a_missing_model_folder_is_a_usage_error(tmp_path: Path) -> None
 def test_bad_stack_name_is_a_usage_error(tmp_path: Path) -> None:
     result = deploykit("ps", "--name", "Not A Name", "--state-dir", str(tmp_path))
     assert result.returncode == 2 and "not a valid stack name" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "projects, why",
+    [
+        ("team:a", "has a character outside"),  # would break Mosquitto's user:password file
+        ("general,deploykit", "is reserved"),  # deploykit/... is the kit's own namespace
+        ("general,Deploykit-bridge", "is reserved"),  # the bridge's own account
+        ("a/b", "has a character outside"),
+        ("general,general", "repeat"),
+    ],
+)
+def test_up_refuses_a_bad_project_name_before_anything_starts(
+    tmp_path: Path, projects: str, why: str
+) -> None:
+    """The one project-name rule (deploykit/names.py), through the CLI: exit 2, the rule as the
+    hint, and nothing recorded, generated or started."""
+    result = deploykit("up", "--projects", projects, "--name", "x", "--state-dir", str(tmp_path))
+    assert result.returncode == ExitCode.USAGE, result.stderr
+    assert why in result.stderr
+    assert "hint:" in result.stderr
+    assert not any(tmp_path.iterdir()), "a refused up left state behind"
