@@ -50,6 +50,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from deploykit import loadgen
 from deploykit.mqttclient import parse_broker_url
 
@@ -88,12 +90,15 @@ def cpu_seconds(pid: int) -> float:
 
 
 def bridge_config(
-    max_tokens: int, slots: int, source: Path, extra: dict[str, Any] | None = None
+    max_tokens: int,
+    slots: int,
+    source: Path,
+    extra: dict[str, Any] | None = None,
+    settings: dict[str, Any] | None = None,
 ) -> str:
     """A bench project: fixed output length, greedy, no history; limits off (they would shape the
     load, not measure it). Keys the bridge in ``source`` does not know (an older one) are left out:
     its config refuses unknown keys."""
-    import yaml
 
     known = (source / "deploykit" / "bridge" / "config.py").read_text()
 
@@ -114,6 +119,9 @@ def bridge_config(
         },
         "bridge": {"max_in_flight": slots, "queue_timeout_s": 3600},
     }
+    for dotted, value in (settings or {}).items():  # --set LABEL:section.key=value
+        section, _, key = dotted.partition(".")
+        config.setdefault(section, {})[key] = value
     return yaml.safe_dump({key: only_known(section) for key, section in config.items()})
 
 
@@ -186,7 +194,12 @@ class Stack:
     def start_bridge(self, b: BridgeUnderTest) -> None:
         a = self.args
         cfg = self.tmp / f"bridge-{b.label}.yaml"
-        cfg.write_text(bridge_config(a.max_tokens, a.slots, b.source))
+        settings = {
+            k.split(":", 1)[1]: yaml.safe_load(v)
+            for k, v in (item.split("=", 1) for item in a.set)
+            if k.split(":", 1)[0] == b.label
+        }
+        cfg.write_text(bridge_config(a.max_tokens, a.slots, b.source, settings=settings))
         http_port = free_port()
         b.log = self.tmp / f"bridge-{b.label}.log"
         env = {
@@ -406,6 +419,13 @@ def main(argv: list[str] | None = None) -> int:
         default=[],
         metavar="LABEL=SOURCE_TREE",
         help="a bridge to measure (repeatable); default current=.",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="LABEL:SECTION.KEY=VALUE",
+        help="a config value of one bridge, e.g. one:bridge.engine_stream_tokens=1 (repeatable)",
     )
     p.add_argument(
         "--vllm-python",
