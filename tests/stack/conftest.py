@@ -69,6 +69,25 @@ def local_bases(docker_api: object) -> None:
     baseimages.ensure_all(docker_api, progress=lambda line: None)
 
 
+@pytest.fixture(scope="session")
+def vllm_base(docker_api: object, timings: Stopwatch) -> str:
+    """The base the CUDA engine images build on: the official vLLM image if present, else the
+    local one (built once when missing: ~5 min, the wheelhouse downloaded first if need be)."""
+    from deploykit import baseimages
+    from deploykit.docker import Docker
+    from deploykit.matrix import VLLM_IMAGE, VLLM_VERSION, BaseKind
+
+    assert isinstance(docker_api, Docker)
+    official = f"{VLLM_IMAGE}:v{VLLM_VERSION}"
+    if docker_api.image_exists(official):
+        return official
+    log: list[str] = []
+    result = baseimages.ensure(docker_api, BaseKind.VLLM, progress=log.append)
+    what = "built" if result.built else "reused"
+    timings.mark(f"{result.name} {what} ({result.size_bytes / 1e9:.2f} GB)", result.seconds)
+    return result.name
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

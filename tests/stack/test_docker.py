@@ -1,4 +1,5 @@
-"""deploykit.docker and the base-image fallback against the real daemon (no image is built here)."""
+"""deploykit.docker and the base-image fallback against the real daemon (no image is built here;
+the local bases are built once per session where missing)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from deploykit import build, render
 from deploykit.baseimages import MOSQUITTO_BASE, PYTHON_BASE
 from deploykit.docker import Docker
 from deploykit.errors import DockerError
-from deploykit.matrix import resolve_target
+from deploykit.matrix import VLLM_VERSION, resolve_target
 
 pytestmark = pytest.mark.docker
 
@@ -68,12 +69,19 @@ def test_exec_and_labels_on_a_throwaway_container(docker_api: Docker, bases: Non
         docker_api.exec(name, ["true"])
 
 
-def test_a_vllm_base_gets_no_debian_stand_in(docker_api: Docker) -> None:
+def test_an_unpullable_vllm_base_falls_back_to_the_local_vllm_base_and_says_so(
+    docker_api: Docker, vllm_base: str
+) -> None:
     plan = render.engine_image(resolve_target("fp8", "cuda-fp8"))
     if docker_api.image_exists(plan.default_base):
-        pytest.skip(f"{plan.default_base} is here")
-    with pytest.raises(DockerError) as err:
-        build.choose_base(docker_api, plan, None, print)
-    assert "no local stand-in" in err.value.message and "docker pull vllm/" in (
-        err.value.hint or ""
+        pytest.skip(f"{plan.default_base} is here; nothing to fall back from")
+    said: list[str] = []
+    assert build.choose_base(docker_api, plan, None, said.append) == vllm_base
+    assert any(
+        "neither present nor pullable" in s and f"local vLLM base (PyPI wheels) {vllm_base}" in s
+        for s in said
     )
+    labels = docker_api.image_labels(vllm_base)
+    assert labels["io.deploykit.stand-in-for"] == plan.default_base
+    assert labels["io.deploykit.vllm-version"] == VLLM_VERSION
+    assert "not from NVIDIA's CUDA base image" in labels["org.opencontainers.image.description"]

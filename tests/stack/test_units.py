@@ -13,7 +13,7 @@ from deploykit.baseimages import MOSQUITTO_BASE, PYTHON_BASE, BaseKind
 from deploykit.checks import Status
 from deploykit.docker import explain
 from deploykit.errors import CheckFailed, GpuError, UnsupportedError, UsageError
-from deploykit.matrix import GpuClass, resolve_target
+from deploykit.matrix import VLLM_VERSION, GpuClass, resolve_target
 from deploykit.secrets import ensure_secrets
 
 DATA = Path(__file__).resolve().parent.parent / "data"
@@ -257,7 +257,8 @@ def test_image_specs_carry_their_default_base_and_its_kind() -> None:
     assert {str(f.path) for f in cpu.files} >= {"Dockerfile", "guard.py", "make_demo_model.py"}
     assert PYTHON_BASE != MOSQUITTO_BASE
     gpu = render.engine_image(resolve_target("fp8", "cuda-fp8"))
-    assert gpu.default_base.startswith("vllm/vllm-openai:v") and gpu.base_kind is None
+    assert gpu.default_base == f"vllm/vllm-openai:v{VLLM_VERSION}"
+    assert gpu.base_kind is BaseKind.VLLM
     dockerfile = next(f.text for f in gpu.files if str(f.path) == "Dockerfile")
     assert f"ARG BASE_IMAGE={gpu.default_base}\n" in dockerfile  # the data and the text agree
 

