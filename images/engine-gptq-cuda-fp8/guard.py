@@ -199,20 +199,24 @@ class Guard:
         methods = ", ".join(q for m, q, _ in fitting if m == best)
         return methods, next(c for m, _, c in fitting if m == best)
 
-    def check_gpus(self) -> float:
-        """The lowest compute capability of the visible GPUs; exits when one cannot run the method."""
+    def check_gpus(self, args: Sequence[str] = ()) -> float:
+        """The lowest compute capability of the visible GPUs; exits when one cannot run the method
+        (with no GPU at all, saying what it would have started with ``args``)."""
         facts = self.facts
         gpus = self.visible_gpus()
+        need = facts.min_compute_capability or 0.0
         if not gpus:
+            would = " ".join([*facts.serve, *facts.vllm_args, *args])
             fail(
                 errors.GpuError(
                     f"no NVIDIA GPU is visible in this container, and the {facts.quant} x "
-                    f"{facts.gpu_class} engine needs one",
+                    f"{facts.gpu_class} engine needs one of compute capability {need:.1f} or newer; "
+                    f"with one it would run: {would}",
                     "start it with GPUs (deploykit up --gpus ...; compose device_ids), and check that "
-                    "the NVIDIA container runtime is installed (deploykit doctor)",
+                    "the NVIDIA container runtime is installed (deploykit doctor); without a GPU, "
+                    "the cpu stack runs (deploykit up --gpu-class cpu)",
                 )
             )
-        need = facts.min_compute_capability or 0.0
         for name, cc in gpus:
             if cc < need:
                 fits, cls = self.methods_on(cc)
@@ -287,7 +291,7 @@ class Guard:
         """The vLLM server's command line, after every check."""
         fixed = list(self.facts.vllm_args)
         if self.facts.checks_gpus:
-            fixed = self.with_dtype(fixed, self.check_gpus())
+            fixed = self.with_dtype(fixed, self.check_gpus(args))
         fixed = self.check_checkpoint(args, fixed)
         return [*self.facts.serve, *fixed, *args]
 

@@ -77,12 +77,18 @@ def test_volta_is_refused_by_every_cuda_image(
 def test_no_gpu_visible_is_a_clear_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    guard = load_guard(tmp_path, "awq", "cuda")
+    guard = load_guard(tmp_path, "fp8", "cuda-fp8")
     monkeypatch.setattr(guard, "visible_gpus", lambda: [])
     with pytest.raises(SystemExit) as exit_:
-        guard.check_gpus()
+        guard.command(["--model", "/models/m", "--port", "8000"])
     assert exit_.value.code == ExitCode.NO_GPU
-    assert "NVIDIA container runtime" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "the fp8 x cuda-fp8 engine needs one of compute capability 8.9 or newer" in err
+    assert (
+        "with one it would run: vllm serve --quantization fp8_per_tensor --kv-cache-dtype fp8 "
+        "--model /models/m --port 8000\n" in err
+    )
+    assert "NVIDIA container runtime" in err and "--gpu-class cpu" in err
 
 
 def test_bf16_becomes_fp16_on_turing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
