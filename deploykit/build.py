@@ -29,7 +29,7 @@ from deploykit import __version__, baseimages, wheelhouses
 from deploykit.docker import Docker
 from deploykit.errors import DeployKitError, DockerError, UsageError
 from deploykit.files import write_files
-from deploykit.matrix import BaseKind
+from deploykit.matrix import VLLM_VERSION, BaseKind
 from deploykit.render import ImageSpec
 
 ProgressFn = Callable[[str], None]
@@ -126,8 +126,8 @@ def assemble_context(
     bridge_wheels: Path,
 ) -> Path:
     """Write the image's files into ``dest`` and put the wheels it needs into ``dest/wheelhouse``:
-    the bridge's, or those of the image's own wheel set (``ImageSpec.wheels``) from ``wheelhouse``,
-    else from the cached wheelhouse of that set (downloaded on this host when there is none)."""
+    the bridge's, or those of the image's own wheel set (``ImageSpec.wheels``) from ``wheelhouse``
+    when it has them, else from this machine's cached wheelhouse of that set (downloaded once)."""
     write_files(image.files, dest)
     wheels = dest / "wheelhouse"
     wheels.mkdir(exist_ok=True)
@@ -137,7 +137,7 @@ def assemble_context(
         for whl in sorted(bridge_wheels.glob("*.whl")):
             _link_or_copy(whl, wheels / whl.name)
     elif image.wheels is not None:
-        source = wheelhouse or wheelhouses.ensure(image.wheels.source, progress)
+        source = wheelhouses.for_image(image.wheels, wheelhouse, progress)
         for whl in wheelhouses.select(source, image.wheels):
             _link_or_copy(whl, wheels / whl.name)
     return dest
@@ -190,6 +190,8 @@ def choose_base(
     if bases is None or local not in bases:
         what = "vLLM base (PyPI wheels)" if image.base_kind is BaseKind.VLLM else "Debian base"
         progress(f"{default} is neither present nor pullable: using the local {what} {local}")
+    if wheelhouse is not None and not wheelhouses.has(wheelhouse, (f"vllm=={VLLM_VERSION}",)):
+        wheelhouse = None  # not the vLLM base's wheels (e.g. only the cpu image's): the cached ones
     result = baseimages.ensure(docker, image.base_kind, progress=progress, wheelhouse=wheelhouse)
     if bases is not None and (local not in bases or result.built):
         bases[local] = result

@@ -74,6 +74,24 @@ def missing(folder: Path, wheels: WheelSet, version: str) -> list[str]:
     return [r for r in requirements(wheels, version) if wheel_of(folder, r) is None]
 
 
+def has(folder: Path, wanted: tuple[str, ...]) -> bool:
+    """Whether ``folder`` holds a wheel of every requirement."""
+    return folder.is_dir() and all(wheel_of(folder, r) is not None for r in wanted)
+
+
+def for_image(wheels: Wheels, given: Path | None, progress: ProgressFn) -> Path:
+    """Where an image's wheels come from: the given wheelhouse when it has them, else the cached
+    wheelhouse of their set (downloaded once), saying so when the given one is passed over."""
+    if given is not None and has(given, wheels.requirements):
+        return given
+    if given is not None:
+        progress(
+            f"the wheelhouse {given} has no {', '.join(wheels.requirements)}: using the "
+            f"{wheels.source} wheelhouse of this machine"
+        )
+    return ensure(wheels.source, progress)
+
+
 def provisioned(wheels: WheelSet, version: str | None = None) -> Path | None:
     """The complete wheelhouse of this set in the cache, if there is one."""
     version = version or DEFAULT_VERSIONS[wheels]

