@@ -15,7 +15,8 @@ pullable, ``deploykit build`` builds the stand-in of its kind (``ImageSpec.base_
   Hugging Face cache is ``/root/.cache/huggingface``, WORKDIR ``/vllm-workspace``, ENTRYPOINT
   ``vllm serve``, the NVIDIA runtime's variables). A stand-in, labelled as one: its CUDA libraries
   come from the PyPI wheels (torch's ``nvidia-*`` dependencies), not from NVIDIA's CUDA base image,
-  and its Python is Debian's 3.11 where the official image has 3.12.
+  and its Python is Debian's 3.11 where the official image has 3.12
+  (docs/facts.md, "Where nothing can be pulled").
 
 ``deploykit base-images`` builds the first two on purpose, ``--vllm`` the third. Needs root
 (debootstrap) and a Debian mirror.

@@ -3,7 +3,8 @@
 # skipped when its result is already there. Safe to run again.
 #
 #   scripts/provision.sh            host packages + dockerd + .venv (what `make up` needs)
-#   scripts/provision.sh --tests    also the vLLM CPU wheelhouse and test venv (what `make test` needs)
+#   scripts/provision.sh --tests    also the vLLM CPU wheelhouse and test venv, and the CUDA engine
+#                                   images' wheelhouse (what `make test` needs)
 #
 # Environment:
 #   DEPLOYKIT_CACHE   where the vLLM CPU wheelhouse and test venv live (default /var/cache/deploykit,
@@ -85,6 +86,10 @@ if [[ $want_tests -eq 1 ]]; then
     "$venv/bin/pip" uninstall -q -y torchvision torchaudio torchcodec
   fi
   say "vLLM CPU python: $venv/bin/python"
+  # the CUDA engine images' wheels (vLLM and its dependencies, ~4 GB, downloaded once; deploykit
+  # knows the versions): the local vLLM base and the bitsandbytes cells install from them
+  say "the CUDA engine images' wheelhouse (downloaded once):"
+  .venv/bin/deploykit wheelhouse
   # the Node.js example client's mqtt.js (examples/node), run against the stack by the tests
   if [[ ! -d examples/node/node_modules/mqtt ]] || [[ examples/node/package-lock.json -nt examples/node/node_modules ]]; then
     say "installing examples/node's dependencies (npm ci)"

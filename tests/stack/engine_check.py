@@ -14,7 +14,8 @@ the image carries: its start-up guard (/opt/deploykit) and its vLLM. For each ca
   engine is started. vLLM finds its CUDA platform only through the GPU driver's libcuda, which a
   machine without a GPU lacks, so vLLM runs on its CPU target (``VLLM_TARGET_DEVICE=cpu``, vLLM's own
   switch for running an accelerator wheel on CPU-only CI): what depends on the GPU itself (kernels
-  per compute capability, attention backends, memory) is not checked here.
+  per compute capability, attention backends, memory) is not checked here
+  (docs/facts.md, "vLLM without a GPU").
 - ``plugins`` cases: whether bitsandbytes imports, and which quantization methods vLLM knows once
   its plugins are loaded (vllm-bnb-plugin registers ``bitsandbytes``).
 """
