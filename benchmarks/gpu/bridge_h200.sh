@@ -10,6 +10,12 @@
 # Results go to a folder packed as $OUT/h200-<model>.tgz (default OUT: benchmarks/results):
 # bridge-<model>.json (bridge_throughput.py), vllm-bench-<model>-c<N>.json (vllm bench serve), and
 # the logs. orjson (not in the GPU image) is expected in /tmp/extra (pip install --target).
+#
+# Environment: ROUNDS (requests per concurrent client, default 3), REPEAT (runs of each cell, paths
+# alternating, default 1), STREAM_INTERVAL (the engine's --stream-interval, tokens per streamed
+# event, default 1: vLLM's own default). The bridge asks for 4 tokens per event per request
+# (engine_stream_tokens); vLLM releases before the per-request field ignore it, and only the
+# server-wide flag has that effect there, on direct clients too.
 set -uo pipefail
 kind=${1:?usage: bridge_h200.sh bench|8b}
 final=${OUT:-benchmarks/results}
@@ -33,6 +39,7 @@ esac
 t0=$(date +%s)
 $py -m vllm.entrypoints.cli.main serve "$model" --served-model-name bench --dtype bfloat16 \
   --host 127.0.0.1 --port $port --max-num-seqs 512 --disable-log-stats "${serve[@]}" \
+  --stream-interval "${STREAM_INTERVAL:-1}" \
   >"$OUT/vllm-$kind.log" 2>&1 &
 vllm=$!
 trap 'kill $vllm 2>/dev/null; wait $vllm 2>/dev/null; tar -czf "$final/h200-$kind.tgz" -C "$OUT" .' EXIT
@@ -58,6 +65,6 @@ done
 # MQTT against direct; the bridge and Mosquitto are started by the benchmark.
 $py benchmarks/bridge_throughput.py --engine http://127.0.0.1:$port \
   --mosquitto /tmp/mq/usr/sbin/mosquitto --concurrency 1,64,256,512 --modes whole,stream \
-  --max-tokens 128 --rounds "${ROUNDS:-3}" --overhead-pairs 20 --clients 8 --json "$OUT/bridge-$kind.json" \
+  --max-tokens 128 --rounds "${ROUNDS:-3}" --repeat "${REPEAT:-1}" --overhead-pairs 20 --clients 8 --json "$OUT/bridge-$kind.json" \
   2>"$OUT/bridge-$kind.log"
 echo "done in $(( $(date +%s) - t0 )) s"

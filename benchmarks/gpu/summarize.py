@@ -3,22 +3,30 @@
 concurrency, direct and MQTT requests/s (whole and streamed), their ratio, the engine's ceiling
 from `vllm bench serve`, MQTT against that ceiling, and the bridge's CPU per request.
 
-    python3 benchmarks/gpu/summarize.py benchmarks/results/h200-run2
+With several runs per cell (REPEAT, paths alternating), each figure is the median over the runs
+and the ratio is the median of the per-run ratios (direct and MQTT of the same run follow each
+other), with its range.
+
+    python3 benchmarks/gpu/summarize.py benchmarks/results/h200-run3
 """
 
 from __future__ import annotations
 
 import json
+import statistics
 import sys
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+Cells = dict[tuple[str, bool, int], list[dict[str, Any]]]
 
-def load(
-    folder: Path, model: str
-) -> tuple[dict[tuple[str, bool, int], dict[str, Any]], dict[int, float], list[str]]:
+
+def load(folder: Path, model: str) -> tuple[Cells, dict[int, float], list[str]]:
     data = json.loads((folder / f"bridge-{model}.json").read_text())
-    cells = {(c["path"], c["stream"], c["concurrency"]): c for c in data["cells"]}
+    cells: Cells = defaultdict(list)
+    for c in data["cells"]:
+        cells[(c["path"], c["stream"], c["concurrency"])].append(c)
     ceiling = {}
     for c in (64, 256, 512):
         path = folder / f"vllm-bench-{model}-c{c}.json"
@@ -27,12 +35,25 @@ def load(
     return cells, ceiling, data.get("overhead", [])
 
 
+def ratio(direct: list[dict[str, Any]], mqtt: list[dict[str, Any]]) -> str:
+    """Median of the per-run MQTT/direct ratios, and their range when there are several."""
+    ratios = sorted(m["rps"] / d["rps"] for d, m in zip(direct, mqtt, strict=False))
+    text = f"{statistics.median(ratios):.2f}"
+    return f"{text} ({ratios[0]:.2f} to {ratios[-1]:.2f})" if len(ratios) > 1 else text
+
+
+def med(runs: list[dict[str, Any]], key: str) -> float | None:
+    values = [r[key] for r in runs if r.get(key) is not None]
+    return statistics.median(values) if values else None
+
+
 def table(folder: Path, model: str) -> str:
     cells, ceiling, overhead = load(folder, model)
     rows = [
-        "| conc. | ceiling req/s (vllm bench) | whole: direct / MQTT req/s | MQTT/direct | MQTT/ceiling "
-        "| stream: direct / MQTT req/s | MQTT/direct | MQTT/ceiling | errors | bridge CPU/req whole / stream |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| conc. | runs | ceiling req/s (vllm bench) | whole: direct / MQTT req/s | MQTT/direct "
+        "| MQTT/ceiling | stream: direct / MQTT req/s | MQTT/direct | MQTT/ceiling "
+        "| stream TTFT p50 direct / MQTT | errors | bridge CPU/req whole / stream |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in (1, 64, 256, 512):
         dw, mw = cells.get(("direct", False, c)), cells.get(("mqtt", False, c))
@@ -40,17 +61,22 @@ def table(folder: Path, model: str) -> str:
         if not (dw and mw and ds and ms):
             continue
         ceil = ceiling.get(c)
-        errors = sum(sum(x["errors"].values()) for x in (dw, mw, ds, ms))
+        errors = sum(sum(x["errors"].values()) for runs in (dw, mw, ds, ms) for x in runs)
+        rps = {k: med(v, "rps") or 0.0 for k, v in (("dw", dw), ("mw", mw), ("ds", ds), ("ms", ms))}
+        ttft = [med(ds, "ttft_p50"), med(ms, "ttft_p50")]
 
-        def vs_ceiling(rps: float, ceil: float | None = ceil) -> str:
-            return f"{rps / ceil:.2f}" if ceil else "-"
+        def vs_ceiling(value: float, ceil: float | None = ceil) -> str:
+            return f"{value / ceil:.2f}" if ceil else "-"
+
+        def ms_text(value: float | None) -> str:
+            return f"{value * 1000:.0f}" if value is not None else "-"
 
         rows.append(
-            f"| {c} | {f'{ceil:.1f}' if ceil else '-'} | "
-            f"{dw['rps']:.1f} / {mw['rps']:.1f} | {mw['rps'] / dw['rps']:.2f} | "
-            f"{vs_ceiling(mw['rps'])} | {ds['rps']:.1f} / {ms['rps']:.1f} | "
-            f"{ms['rps'] / ds['rps']:.2f} | {vs_ceiling(ms['rps'])} | {errors} | "
-            f"{mw['bridge_cpu_ms']:.2f} / {ms['bridge_cpu_ms']:.2f} ms |"
+            f"| {c} | {len(mw)} | {f'{ceil:.1f}' if ceil else '-'} | "
+            f"{rps['dw']:.1f} / {rps['mw']:.1f} | {ratio(dw, mw)} | {vs_ceiling(rps['mw'])} | "
+            f"{rps['ds']:.1f} / {rps['ms']:.1f} | {ratio(ds, ms)} | {vs_ceiling(rps['ms'])} | "
+            f"{ms_text(ttft[0])} / {ms_text(ttft[1])} ms | {errors} | "
+            f"{med(mw, 'bridge_cpu_ms') or 0:.2f} / {med(ms, 'bridge_cpu_ms') or 0:.2f} ms |"
         )
     return "\n".join(rows + [""] + [f"- {line}" for line in overhead])
 
