@@ -3,7 +3,8 @@
 (in a subprocess) streams N tokens SPACING seconds apart, batching ``stream_interval`` tokens per
 event after the first as vLLM does (vllm/v1/engine/output_processor.py: the first and the final
 output are sent at once); the bridge's EngineClient reads them. Prints the client process's CPU per
-request, whole and streamed, for each tokens-per-event setting, and the CPU per wake-up of a bare
+request, whole and streamed, for each tokens-per-event setting (1, 4, 8, and `auto`: the bridge's
+pacer, fed as the bridge feeds it), and the CPU per wake-up of a bare
 asyncio read loop on this machine (the floor).
 
     .venv/bin/python benchmarks/stream_cost.py [--tokens 128] [--spacing 0.01] [--requests 8]
@@ -53,28 +54,42 @@ web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None)
 """
 
 
+#: The bridge's default publishing interval for stream parts (bridge/config.py).
+STREAM_INTERVAL_S = 0.1
+
+
 def cpu_ms() -> float:
     r = resource.getrusage(resource.RUSAGE_SELF)
     return (r.ru_utime + r.ru_stime) * 1000
 
 
 async def measure(url: str, tokens: int, requests: int) -> list[str]:
-    from deploykit.bridge.engine import EngineClient
+    from deploykit.bridge.engine import Completion, EngineClient
+    from deploykit.bridge.pacing import pacer_for
 
     engine = EngineClient(url)
     await engine.discover()
     messages = [{"role": "user", "content": "hi"}]
     out = []
-    for mode, every in (("whole", 1), ("stream", 1), ("stream", 4), ("stream", 8)):
+    settings: list[tuple[str, int | str]] = [("whole", 1)]
+    settings += [("stream", every) for every in (1, 4, 8, "auto")]
+    for mode, every in settings:
+        # the bridge's pacer for this setting, fed as the bridge feeds it (bridge/service.py)
+        pacer = pacer_for(every, STREAM_INTERVAL_S)
         start, t0, events = cpu_ms(), time.perf_counter(), 0
         for _ in range(requests):
             if mode == "whole":
                 await engine.chat(messages, {"max_tokens": tokens})
                 continue
-            async for _item in engine.chat_stream(
-                messages, {"max_tokens": tokens}, tokens_per_event=every
+            first = None
+            async for item in engine.chat_stream(
+                messages, {"max_tokens": tokens}, tokens_per_event=pacer.tokens_per_event()
             ):
                 events += 1
+                if isinstance(item, Completion) and first is not None:
+                    pacer.observe(item.completion_tokens - 1, time.monotonic() - first)
+                elif first is None:
+                    first = time.monotonic()
         per = (cpu_ms() - start) / requests
         label = "whole" if mode == "whole" else f"streamed, {every} token(s) per event"
         out.append(

@@ -34,7 +34,8 @@ YAML config (every key optional; the values shown are the defaults)::
       mqtt_keepalive_s: 30
       request_timeout_s: 300
       stream_interval_s: 0.1       # stream parts after the first: at most one per interval
-      engine_stream_tokens: 4      # tokens per streamed event from the engine after the first
+      engine_stream_tokens: auto   # tokens per streamed event from the engine after the first:
+                                   # auto paces events to stream_interval_s (at least 4), or a number
       engine_keepalive_s: 4        # below the engine's own keep-alive (uvicorn: 5 s)
       engine_retries: 3            # attempts after a connection failure before any token
 """
@@ -44,7 +45,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -97,9 +98,16 @@ class BridgeTuning(BaseModel):
     mqtt_keepalive_s: int = Field(30, ge=2, le=65535)
     request_timeout_s: float = Field(300.0, gt=0)
     stream_interval_s: float = Field(0.1, ge=0)
-    engine_stream_tokens: int = Field(4, ge=1, le=64)
+    engine_stream_tokens: int | Literal["auto"] = "auto"
     engine_keepalive_s: float = Field(4.0, gt=0)
     engine_retries: int = Field(3, ge=0, le=10)
+
+    @field_validator("engine_stream_tokens", mode="before")
+    @classmethod
+    def _tokens_per_event(cls, value: Any) -> Any:
+        if value == "auto" or (type(value) is int and 1 <= value <= 64):
+            return value
+        raise ValueError(f"'auto' or a whole number from 1 to 64, not {value!r}")
 
 
 class BridgeConfig(BaseModel):

@@ -30,6 +30,7 @@ from deploykit.bridge.config import BridgeConfig, ProjectConfig, Settings
 from deploykit.bridge.engine import Completion, EngineClient, EngineError
 from deploykit.bridge.limits import DedupeCache, StoredReply, TokenBucket
 from deploykit.bridge.metrics import HttpEndpoint, Metrics
+from deploykit.bridge.pacing import pacer_for
 from deploykit.bridge.prompts import PromptBuilder
 from deploykit.bridge.protocol import (
     STREAM_SUFFIX,
@@ -103,6 +104,7 @@ class Bridge:
             keepalive_s=self.tuning.engine_keepalive_s,
             retries=self.tuning.engine_retries,
         )
+        self.pacer = pacer_for(self.tuning.engine_stream_tokens, self.tuning.stream_interval_s)
         self.scheduler = FairScheduler(
             self.tuning.max_in_flight,
             caps={
@@ -490,14 +492,17 @@ class Bridge:
         seq = 0
         last = float("-inf")  # the first text goes out at once (time to first token)
         final: Completion | None = None
+        first: float | None = None
         async for item in self.engine.chat_stream(
-            messages, params, tokens_per_event=self.tuning.engine_stream_tokens
+            messages, params, tokens_per_event=self.pacer.tokens_per_event()
         ):
             if isinstance(item, Completion):
                 final = item
                 break
             pending.append(item)
             now = time.monotonic()
+            if first is None:
+                first = now
             if now - last >= self.tuning.stream_interval_s:
                 payload = stream_payload(routing, seq, "".join(pending))
                 inbound.session.publish_part(topic, payload, properties=props)
@@ -509,6 +514,8 @@ class Bridge:
             inbound.session.publish_part(topic, payload, properties=props)
         if final is None:
             raise EngineError("the engine's stream ended early", 502)
+        if first is not None:
+            self.pacer.observe(final.completion_tokens - 1, time.monotonic() - first)
         return final
 
     async def _run_probe(

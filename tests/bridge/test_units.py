@@ -12,6 +12,7 @@ import pytest
 from deploykit.bridge.config import load_config, settings_from
 from deploykit.bridge.limits import DedupeCache, StoredReply, TokenBucket
 from deploykit.bridge.metrics import Metrics
+from deploykit.bridge.pacing import AUTO_FLOOR, EventPacer, FixedPacer, pacer_for
 from deploykit.bridge.protocol import (
     Accepted,
     ErrorCode,
@@ -472,6 +473,56 @@ def test_config_file(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="temprature"):
         load_config(path)
     assert load_config(None).project("any").default_max_tokens == 256
+
+
+# ------------------------------------------------------------------------------ pacing
+def test_pacer_asks_for_one_interval_of_tokens_once_it_has_seen_a_stream() -> None:
+    pacer = EventPacer(0.1, floor=4)
+    assert pacer.tokens_per_event() == 4  # nothing seen yet: the floor
+    pacer.observe(140, 1.0)  # 140 tokens/s: 14 arrive in 0.1 s
+    assert pacer.tokens_per_event() == 14
+    pacer.observe(0, 1.0)  # a one-token answer says nothing about the rate
+    pacer.observe(10, 0.0)
+    assert pacer.tokens_per_event() == 14
+
+
+def test_pacer_stays_within_floor_and_ceiling_and_follows_the_rate_smoothly() -> None:
+    pacer = EventPacer(0.1, floor=4, ceiling=64)
+    pacer.observe(20, 1.0)  # 2 tokens per interval: the floor bounds a slow engine's events
+    assert pacer.tokens_per_event() == 4
+    pacer.observe(300, 1.0)  # one fast stream moves the estimate a fifth of the way
+    assert pacer.tokens_per_event() == 7  # 20 + 0.2 * (300 - 20) = 76 tokens/s
+    for _ in range(50):
+        pacer.observe(300, 1.0)
+    assert pacer.tokens_per_event() == 29  # converging on 30 from below
+    for _ in range(50):
+        pacer.observe(10_000, 1.0)
+    assert pacer.tokens_per_event() == 64
+    with pytest.raises(ValueError, match="floor"):
+        EventPacer(0.1, floor=0)
+
+
+def test_fixed_pacer_and_the_setting() -> None:
+    fixed = FixedPacer(8)
+    fixed.observe(1000, 1.0)
+    assert fixed.tokens_per_event() == 8
+    assert pacer_for(8, 0.1).tokens_per_event() == 8
+    assert pacer_for("auto", 0.1).tokens_per_event() == AUTO_FLOOR
+
+
+@pytest.mark.parametrize("value", ["auto", 1, 64])
+def test_engine_stream_tokens_accepted(tmp_path: Path, value: object) -> None:
+    path = tmp_path / "bridge.yaml"
+    path.write_text(f"bridge:\n  engine_stream_tokens: {value}\n")
+    assert load_config(path).bridge.engine_stream_tokens == value
+
+
+@pytest.mark.parametrize("value", ["fast", 0, 65, 2.5, "true"])
+def test_engine_stream_tokens_refused(tmp_path: Path, value: object) -> None:
+    path = tmp_path / "bridge.yaml"
+    path.write_text(f"bridge:\n  engine_stream_tokens: {value}\n")
+    with pytest.raises(UsageError, match="engine_stream_tokens.*'auto' or a whole number"):
+        load_config(path)
 
 
 # ------------------------------------------------------------------------------ mqttclient
