@@ -521,7 +521,7 @@ def test_engine_stream_tokens_accepted(tmp_path: Path, value: object) -> None:
 def test_engine_stream_tokens_refused(tmp_path: Path, value: object) -> None:
     path = tmp_path / "bridge.yaml"
     path.write_text(f"bridge:\n  engine_stream_tokens: {value}\n")
-    with pytest.raises(UsageError, match="engine_stream_tokens.*'auto' or a whole number"):
+    with pytest.raises(UsageError, match=r"engine_stream_tokens.*'auto' or a whole number"):
         load_config(path)
 
 
