@@ -45,6 +45,7 @@ from deploykit.ports import (
     MQTT_PORT,
     MQTT_TLS_PORT,
 )
+from deploykit.secrets import BRIDGE_USERNAME
 
 #: Unprivileged account every image drops to after reading its secrets.
 RUNTIME_UID = 10001
@@ -360,6 +361,7 @@ def broker_image(version: str = __version__) -> ImageSpec:
         "tls_port": MQTT_TLS_PORT,
         "health_port": BROKER_HEALTH_PORT,
         "status_topics": names.status_topic("+"),
+        "bridge_username": BRIDGE_USERNAME,
         "labels": _labels(
             "deploykit broker",
             "Mosquitto 2 with a password file, a per-project ACL and persistence",

