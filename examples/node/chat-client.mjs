@@ -43,7 +43,11 @@ const client = mqtt.connect(`mqtt://${opts.host}:${opts.port}`, {
 });
 // Nagle's algorithm would hold a request sent right after acknowledging a reply for ~40 ms.
 client.on("connect", () => client.stream.setNoDelay(true));
+let closing = false;
 client.on("error", (err) => {
+  // After a retry the bridge answers the repeat too (from its cache): that reply may arrive while
+  // the client closes, and acknowledging it then fails with "write after end". Nothing is lost.
+  if (closing) return;
   console.error(`error: ${err.message}`);
   process.exit(1);
 });
@@ -112,5 +116,6 @@ try {
   console.error(`error: ${err.message}`);
   process.exitCode = 1;
 } finally {
+  closing = true;
   await client.endAsync();
 }
