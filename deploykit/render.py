@@ -10,7 +10,7 @@ deterministic: sorted, no timestamps, no absolute paths unless the caller passes
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
@@ -110,6 +110,25 @@ class StackOptions:
 
     def __post_init__(self) -> None:
         names.check_project_names(self.projects)
+
+
+@dataclass(frozen=True)
+class BrokerLayout:
+    """Where the broker's files live, and the account Mosquitto drops to when started as root: the
+    broker image's by default; ``deploykit serve`` renders the same configuration for a host folder."""
+
+    user: str = "mosquitto"
+    #: mosquitto.conf, acl, acl-health
+    config_dir: str = "/etc/deploykit/broker"
+    #: the hashed password file (``passwd``) and, in the image, the TLS listener's ``conf.d``
+    auth_dir: str = "/mosquitto/auth"
+    data_dir: str = "/mosquitto/data"
+    #: the anonymous health listener on loopback (None: none)
+    health_port: int | None = BROKER_HEALTH_PORT
+    #: the address the clients' listener binds to (None: every address)
+    bind: str | None = None
+    #: include ``<auth_dir>/conf.d``, where the image's entrypoint writes the TLS listener
+    tls_include: bool = True
 
 
 @dataclass(frozen=True)
@@ -356,12 +375,8 @@ def broker_image(version: str = __version__) -> ImageSpec:
     """The broker image (Mosquitto), the same for every cell."""
     base = (MOSQUITTO_BASE_IMAGE, BaseKind.MOSQUITTO)
     context: dict[str, object] = {
+        **_broker_context(BrokerLayout(), MQTT_PORT),
         "base_image": base[0],
-        "mqtt_port": MQTT_PORT,
-        "tls_port": MQTT_TLS_PORT,
-        "health_port": BROKER_HEALTH_PORT,
-        "status_topics": names.status_topic("+"),
-        "bridge_username": BRIDGE_USERNAME,
         "labels": _labels(
             "deploykit broker",
             "Mosquitto 2 with a password file, a per-project ACL and persistence",
@@ -369,6 +384,27 @@ def broker_image(version: str = __version__) -> ImageSpec:
         ),
     }
     return _image("broker", "broker", broker_tag(version), base, _render_folder("broker", context))
+
+
+def _broker_context(layout: BrokerLayout, mqtt_port: int) -> dict[str, object]:
+    return {
+        "broker": layout,
+        "mqtt_port": mqtt_port,
+        "tls_port": MQTT_TLS_PORT,
+        "health_port": BROKER_HEALTH_PORT,
+        "status_topics": names.status_topic("+"),
+        "bridge_username": BRIDGE_USERNAME,
+    }
+
+
+#: The broker configuration files a layout's ``config_dir`` holds (templates under broker/).
+BROKER_CONFIG_FILES = ("mosquitto.conf", "acl")
+
+
+def broker_config(layout: BrokerLayout, mqtt_port: int) -> dict[str, str]:
+    """The broker image's Mosquitto configuration and ACL, for another layout (``deploykit serve``)."""
+    context = _broker_context(layout, mqtt_port)
+    return {name: _render(f"broker/{name}.j2", **context) for name in BROKER_CONFIG_FILES}
 
 
 def stack_images(cells: Iterable[Cell], version: str = __version__) -> list[ImageSpec]:
@@ -392,7 +428,15 @@ def served_model_name(cell: Cell, options: StackOptions) -> str:
     return options.model or cell.default_model
 
 
-def _engine_command(cell: Cell, options: StackOptions) -> list[str]:
+#: The engine's environment, beside the cell's arguments (the compose stack's and serve's).
+ENGINE_ENVIRONMENT = {"CUDA_DEVICE_ORDER": "PCI_BUS_ID", "VLLM_NO_USAGE_STATS": "1"}
+#: Where the compose stack's bridge finds its config file (mounted from the host).
+BRIDGE_CONFIG_PATH = "/etc/deploykit/bridge.yaml"
+
+
+def engine_args(
+    cell: Cell, options: StackOptions, *, host: str = "0.0.0.0", port: int = ENGINE_PORT
+) -> list[str]:
     """vLLM arguments the stack passes; the image's guard adds the cell's own flags."""
     cpu = cell.gpu_class is GpuClass.CPU
     model = options.model or cell.default_model
@@ -403,9 +447,9 @@ def _engine_command(cell: Cell, options: StackOptions) -> list[str]:
         "--served-model-name",
         served,
         "--host",
-        "0.0.0.0",
+        host,
         "--port",
-        str(ENGINE_PORT),
+        str(port),
     ]
     if not cpu:
         args += ["--tensor-parallel-size", str(len(options.gpu_ids))]
@@ -418,6 +462,33 @@ def _engine_command(cell: Cell, options: StackOptions) -> list[str]:
     if options.reasoning_parser:
         args += ["--reasoning-parser", options.reasoning_parser]
     return args
+
+
+def bridge_environment(
+    options: StackOptions,
+    *,
+    broker: str,
+    engine: str,
+    http_port: int,
+    secret: Callable[[str], str],
+    config: str | None,
+) -> dict[str, str]:
+    """How the bridge is configured (``DEPLOYKIT_*``, ``deploykit.bridge.config``): ``secret`` gives
+    the path of a secret file by its name in the secrets folder; ``config`` the bridge config's."""
+    env = {
+        "DEPLOYKIT_BROKER": broker,
+        "DEPLOYKIT_ENGINE": engine,
+        "DEPLOYKIT_PROJECTS": ",".join(options.projects),
+        "DEPLOYKIT_BRIDGE_NAME": options.bridge_name,
+        "DEPLOYKIT_HTTP_PORT": str(http_port),
+        "DEPLOYKIT_MQTT_USERNAME_FILE": secret("mqtt_bridge_username"),
+        "DEPLOYKIT_MQTT_PASSWORD_FILE": secret("mqtt_bridge_password"),
+        "DEPLOYKIT_CLIENT_ID_FILE": secret("bridge_client_id"),
+        "DEPLOYKIT_ENGINE_API_KEY_FILE": secret("engine_api_key"),
+    }
+    if config:
+        env["DEPLOYKIT_BRIDGE_CONFIG"] = config
+    return env
 
 
 def render_compose(cell: Cell, options: StackOptions | None = None) -> str:
@@ -434,11 +505,19 @@ def render_compose(cell: Cell, options: StackOptions | None = None) -> str:
         engine_image=image_tag(cell, options.image_version),
         bridge_image=bridge_tag(options.image_version),
         broker_image=broker_tag(options.image_version),
-        engine_command=_engine_command(cell, options),
+        engine_command=engine_args(cell, options),
+        engine_environment=ENGINE_ENVIRONMENT,
+        bridge_environment=bridge_environment(
+            options,
+            broker=f"mqtt://broker:{MQTT_PORT}",
+            engine=f"http://engine:{ENGINE_PORT}",
+            http_port=BRIDGE_HTTP_PORT,
+            secret=lambda name: f"/run/secrets/{name}",
+            config=BRIDGE_CONFIG_PATH if options.bridge_config else None,
+        ),
         gpu_ids=list(options.gpu_ids),
-        projects=",".join(options.projects),
+        bridge_config_path=BRIDGE_CONFIG_PATH,
         engine_port=ENGINE_PORT,
-        bridge_http_port=BRIDGE_HTTP_PORT,
         mqtt_port=MQTT_PORT,
         mqtt_tls_port=MQTT_TLS_PORT,
         runtime_uid=RUNTIME_UID,

@@ -147,7 +147,7 @@ def test_gpu_stack_pins_devices_and_tensor_parallel_size() -> None:
     assert '- "GPU-11111111-2222-3333-4444-555555555555"' in text
     assert "count:" not in text  # count and device_ids are exclusive
     assert '- "--tensor-parallel-size"\n      - "2"' in text
-    assert "CUDA_DEVICE_ORDER: PCI_BUS_ID" in text
+    assert 'CUDA_DEVICE_ORDER: "PCI_BUS_ID"' in text
 
 
 def test_no_secret_values_in_compose() -> None:
