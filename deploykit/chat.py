@@ -14,7 +14,6 @@ from typing import Any
 
 from deploykit import mqttclient
 from deploykit.errors import CheckFailed
-from deploykit.secrets import SecretsFolder
 from deploykit.stack import StackRecord
 
 EXIT_WORDS = frozenset({"/quit", "/exit", ":q"})
@@ -45,9 +44,8 @@ class ChatSession:
                 f"not {self.project!r}",
                 f"pick one of them with --project, or `deploykit up --projects ...,{self.project}`",
             )
-        password = SecretsFolder(self.record.secrets_dir).client_password(self.project)
-        self.credentials = mqttclient.Credentials(self.project, password)
-        self.address = mqttclient.BrokerAddress(self.host, self.record.mqtt_port)
+        self.credentials = self.record.client_credentials(self.project)
+        self.address = self.record.broker_address(self.host)
 
     def send(self, message: str) -> ChatTurn:
         fields: dict[str, Any] = {}

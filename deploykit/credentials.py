@@ -65,6 +65,13 @@ def client_access(
     record: StackRecord, project: str | None, host: str = "127.0.0.1"
 ) -> ClientAccess:
     """One project's access to a stack (its first project by default)."""
+    serve = record.serve
+    if serve is not None and not serve.local_broker:
+        raise UsageError(
+            f"the serve instance {record.name!r} uses the broker {serve.broker_url}, whose accounts "
+            "are its owner's, not this kit's",
+            "ask the broker's owner for a project account",
+        )
     chosen = project or record.projects[0]
     if chosen not in record.projects:
         raise UsageError(

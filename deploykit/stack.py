@@ -23,12 +23,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from deploykit import matrix, render
+from deploykit import matrix, mqttclient, render
 from deploykit.errors import DockerError, GpuError, UnsupportedError, UsageError
 from deploykit.matrix import Cell, GpuClass, Quant
 from deploykit.plan import DEFAULT_GPU_MEMORY_UTILIZATION, gate
 from deploykit.ports import MQTT_PORT, MQTT_TLS_PORT
-from deploykit.secrets import copy_tls, ensure_secrets
+from deploykit.secrets import SecretsFolder, copy_tls, ensure_secrets
+from deploykit.serve.record import ServeState
 
 DEFAULT_STATE_DIR = Path(".deploykit")
 COMPOSE_PROJECT_LABEL = "com.docker.compose.project"
@@ -346,9 +347,10 @@ def write_compose(plan: StackPlan) -> Path:
     return plan.compose_file
 
 
-def record_stack(plan: StackPlan) -> Path:
-    """Record a started stack (``stack.json``), as health, chat, ps, logs and down find it."""
-    record = {
+def record_stack(plan: StackPlan, serve: ServeState | None = None) -> Path:
+    """Record a started stack (``stack.json``), as health, chat, ps, logs and down find it; a
+    ``deploykit serve`` instance adds its processes, engine URL and broker (``serve``)."""
+    record: dict[str, Any] = {
         "name": plan.name,
         "quant": str(plan.cell.quant),
         "gpu_class": str(plan.cell.gpu_class),
@@ -357,8 +359,13 @@ def record_stack(plan: StackPlan) -> Path:
             k: list(v) if isinstance(v, tuple) else v for k, v in asdict(plan.options).items()
         },
     }
+    if serve is not None:
+        record["kind"] = "serve"
+        record["serve"] = serve.to_json()
     path = plan.folder / RECORD_FILE
-    path.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    tmp = path.with_name(f".{RECORD_FILE}.tmp")
+    tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)  # readers never see half a record
     return path
 
 
@@ -376,10 +383,29 @@ class StackRecord:
     secrets_dir: Path
     bridge_name: str
     gpu_ids: tuple[str, ...] = ()  # the pinned GPUs (none for the cpu stack)
+    #: Local processes of ``deploykit serve`` instead of containers (None: a compose stack).
+    serve: ServeState | None = None
 
     @property
     def compose_file(self) -> Path:
         return self.folder / "compose.yaml"
+
+    def broker_address(self, host: str = "127.0.0.1") -> mqttclient.BrokerAddress:
+        """Where clients of this stack reach its broker (a compose stack's: on ``host``)."""
+        if self.serve is not None:
+            return mqttclient.parse_broker_url(self.serve.broker_url)
+        return mqttclient.BrokerAddress(host, self.mqtt_port)
+
+    def client_credentials(self, project: str) -> mqttclient.Credentials:
+        """The account the kit's own clients (health, chat) use for ``project``: the project's, or
+        on a broker ``deploykit serve`` did not start, the account serve was given for it."""
+        serve = self.serve
+        if serve is not None and not serve.local_broker:
+            found = mqttclient.read_credentials(serve.mqtt_username_file, serve.mqtt_password_file)
+            if found is not None:
+                return found
+        password = SecretsFolder(self.secrets_dir).client_password(project)
+        return mqttclient.Credentials(project, password)
 
 
 def load_stack(name: str, state_dir: Path = DEFAULT_STATE_DIR) -> StackRecord:
@@ -409,6 +435,7 @@ def load_record(folder: Path) -> StackRecord:
         secrets_dir=Path(opts["secrets_dir"]),
         bridge_name=opts.get("bridge_name") or opts.get("client_id", "bridge-1"),
         gpu_ids=() if data["gpu_class"] == "cpu" else tuple(opts.get("gpu_ids", ())),
+        serve=ServeState.from_json(data["serve"]) if data.get("serve") else None,
     )
 
 

@@ -194,6 +194,7 @@ _ENV_FIELDS = {
     "SHARE_GROUP_FILE": "share_group_file",
     "ENGINE_API_KEY_FILE": "engine_api_key_file",
     "HTTP_PORT": "http_port",
+    "HTTP_HOST": "http_host",
     "MQTT_USERNAME_FILE": "mqtt_username_file",
     "MQTT_PASSWORD_FILE": "mqtt_password_file",
     "LOG_LEVEL": "log_level",

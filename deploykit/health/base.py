@@ -13,7 +13,6 @@ from deploykit import mqttclient
 from deploykit.checks import Check, CheckResult, run_checks
 from deploykit.docker import Docker
 from deploykit.errors import CheckFailed
-from deploykit.secrets import SecretsFolder
 from deploykit.stack import COMPOSE_PROJECT_LABEL, COMPOSE_SERVICE_LABEL, StackRecord
 
 
@@ -33,26 +32,30 @@ class SystemClock:
 
 @dataclass(frozen=True)
 class StackTarget:
-    """Where the checks look: the stack's broker address, accounts, engine container, names."""
+    """Where the checks look: the stack's broker address, accounts, engine container, names.
+    A ``deploykit serve`` instance has no containers (``docker`` None)."""
 
     record: StackRecord
-    docker: Docker
+    docker: Docker | None
     host: str = "127.0.0.1"
     project: str | None = None  # the project whose account the MQTT checks use
 
     @property
     def address(self) -> mqttclient.BrokerAddress:
-        return mqttclient.BrokerAddress(self.host, self.record.mqtt_port)
+        return self.record.broker_address(self.host)
 
     @property
     def project_name(self) -> str:
         return self.project or self.record.projects[0]
 
     def credentials(self) -> mqttclient.Credentials:
-        folder = SecretsFolder(self.record.secrets_dir)
-        return mqttclient.Credentials(self.project_name, folder.client_password(self.project_name))
+        return self.record.client_credentials(self.project_name)
 
     def container(self, service: str) -> str:
+        if self.docker is None:
+            raise CheckFailed(
+                f"the stack {self.record.name!r} runs no containers", "see `deploykit serve`"
+            )
         found = self.docker.containers(
             {COMPOSE_PROJECT_LABEL: self.record.name, COMPOSE_SERVICE_LABEL: service}
         )

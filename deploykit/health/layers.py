@@ -8,12 +8,15 @@ engine container (``docker exec``) against 127.0.0.1.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import threading
 import time
 from typing import Any
 
 from deploykit import mqttclient, names
-from deploykit.checks import Check, CheckResult, failed, ok
+from deploykit.checks import Check, CheckResult, failed, ok, skipped
 from deploykit.health.base import StackTarget
 from deploykit.ports import ENGINE_PORT
 
@@ -57,7 +60,13 @@ class EngineContainerCheck(Layer):
     hint = "see `deploykit logs engine` (a large model takes minutes to load)"
 
     def run(self) -> CheckResult:
+        serve = self.target.record.serve
+        if serve is not None:
+            return skipped(
+                self.name, f"no container: vLLM runs as process {serve.pids.get('engine', '?')}"
+            )
         name = self.target.container("engine")
+        assert self.target.docker is not None  # container() found one through it
         state = self.target.docker.container_attrs(name).get("State", {})
         health = (state.get("Health") or {}).get("Status", "none")
         if not state.get("Running"):
@@ -69,14 +78,14 @@ class EngineContainerCheck(Layer):
         return ok(self.name, f"{name} is healthy")
 
 
-# Runs inside the engine container: one HTTP request to the engine, prints status and body.
-# The engine's API key is read from its secret inside the container: it never leaves it, and is
-# never an argument.
+# Runs inside the engine container (or, for serve, beside the engine): one HTTP request to the
+# engine, prints status and body. The engine's API key is read from its secret file: it never leaves
+# it, and is never an argument.
 _HTTP_SCRIPT = """
 import os, sys, urllib.request, urllib.error
-url, body = sys.argv[1], (sys.argv[2].encode() if len(sys.argv) > 2 else None)
+url, body = sys.argv[1], (sys.argv[2].encode() if len(sys.argv) > 2 and sys.argv[2] else None)
 headers = {"Content-Type": "application/json"}
-key = "/run/secrets/engine_api_key"
+key = os.environ.get("DEPLOYKIT_ENGINE_API_KEY_FILE", "/run/secrets/engine_api_key")
 if os.path.isfile(key) and os.access(key, os.R_OK) and open(key).read().strip():
     headers["Authorization"] = "Bearer " + open(key).read().strip()
 req = urllib.request.Request(url, data=body, headers=headers)
@@ -94,10 +103,19 @@ class _EngineHttp(Layer):
     timeout_s = 20.0
 
     def request(self, path: str, body: dict[str, Any] | None = None) -> tuple[int, str]:
-        cmd = ["python3", "-c", _HTTP_SCRIPT, f"http://127.0.0.1:{ENGINE_PORT}{path}"]
-        if body is not None:
-            cmd += [json.dumps(body), str(self.timeout_s)]
-        _rc, out = self.target.docker.exec(self.target.container("engine"), cmd)
+        serve = self.target.record.serve
+        base = serve.engine_url if serve is not None else f"http://127.0.0.1:{ENGINE_PORT}"
+        cmd = ["python3", "-c", _HTTP_SCRIPT, f"{base}{path}"]
+        cmd += [json.dumps(body) if body is not None else "", str(self.timeout_s)]
+        if serve is not None:
+            env = {**os.environ, "DEPLOYKIT_ENGINE_API_KEY_FILE": str(serve.engine_api_key_file)}
+            done = subprocess.run(
+                [sys.executable, *cmd[1:]], capture_output=True, text=True, env=env, check=False
+            )
+            out = done.stdout
+        else:
+            assert self.target.docker is not None
+            _rc, out = self.target.docker.exec(self.target.container("engine"), cmd)
         status_line, _, text = out.partition("\n")
         try:
             return int(status_line.strip()), text.strip()
@@ -233,7 +251,22 @@ class BridgeProbeCheck(Layer):
 
 
 def default_checks(target: StackTarget) -> list[Check]:
-    """Every layer, bottom to top."""
+    """Every layer, bottom to top; a serve instance's processes and bridge /health in place of
+    the engine container's health."""
+    if target.record.serve is not None:
+        from deploykit.health.serve import BridgeHttpCheck, ServeProcessesCheck
+
+        return [
+            ServeProcessesCheck(target),
+            BrokerCheck(target),
+            EngineContainerCheck(target),
+            EngineHealthCheck(target),
+            EngineModelsCheck(target),
+            EngineCompletionCheck(target),
+            BridgeHttpCheck(target),
+            BridgeStatusCheck(target),
+            BridgeProbeCheck(target),
+        ]
     return [
         BrokerCheck(target),
         EngineContainerCheck(target),
