@@ -9,13 +9,14 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from deploykit.commands import bridge, build, client, core, preflight, soak, stack, top
+from deploykit.commands import bridge, build, client, core, preflight, serve, soak, stack, top
 
 COMMAND_MODULES: tuple[ModuleType, ...] = (
     core,
     preflight,
     build,
     stack,
+    serve,
     client,
     top,
     soak,

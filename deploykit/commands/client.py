@@ -38,7 +38,8 @@ def register(app: typer.Typer) -> None:
         Exits 0 only when all pass.
         """
         record = options.find(name, state_dir)
-        target = health.StackTarget(record, Docker.connect(), project=project)
+        docker = Docker.connect() if record.serve is None else None
+        target = health.StackTarget(record, docker, project=project)
         with WaitReport(_err) if wait and not as_json else _NoReport() as report:
             results, waited = health.wait_healthy(
                 lambda: health.default_checks(target),
