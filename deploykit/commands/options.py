@@ -21,6 +21,7 @@ from typing import Any
 import typer
 
 from deploykit import hoststacks, matrix, stack
+from deploykit.errors import UsageError
 
 NAME_HELP = (
     "Stack name (its compose project). Default: this checkout's stack; "
@@ -79,6 +80,20 @@ def gpu_class_option(extra: str = "") -> Any:
 def find(name: str | None, state_dir: Path) -> stack.StackRecord:
     """The stack a command acts on: ``--name`` anywhere on this host, else this checkout's."""
     return hoststacks.find_stack(name, state_dir)
+
+
+def find_compose(name: str | None, state_dir: Path) -> stack.StackRecord:
+    """The compose stack a command acts on; a ``deploykit serve`` instance is refused, saying how
+    it is managed instead."""
+    record = find(name, state_dir)
+    if record.serve is not None:
+        raise UsageError(
+            f"{record.name!r} is a `deploykit serve` instance (pid {record.serve.supervisor_pid}), "
+            "not a compose stack",
+            f"stop it with Ctrl-C or `kill {record.serve.supervisor_pid}`; its logs are in "
+            f"{record.serve.logs_dir}; `deploykit health --name {record.name}` checks it",
+        )
+    return record
 
 
 def program() -> str:

@@ -96,7 +96,8 @@ def wait_for(record: stack.StackRecord, timeout: float, project: str | None = No
 def print_checks(results: list[health.CheckResult]) -> None:
     table = Table("check", "ok", "detail")
     for r in results:
-        table.add_row(r.name, "[green]ok[/]" if r.passed else "[red]FAIL[/]", r.detail)
+        mark = {"ok": "[green]ok[/]", "skip": "[yellow]skip[/]"}.get(str(r.status), "[red]FAIL[/]")
+        table.add_row(r.name, mark, r.detail)
     _out.print(table)
 
 
@@ -270,7 +271,7 @@ def register(app: typer.Typer) -> None:
         state_dir: Path = options.state_dir_option(),
     ) -> None:
         """Stop the stack and remove its containers, networks and volumes (its secrets stay)."""
-        record = options.find(name, state_dir)
+        record = options.find_compose(name, state_dir)
         stack.down(record, keep_data=keep_data)
         if not keep_data:
             stack.forget_stack(record.folder)
@@ -281,7 +282,7 @@ def register(app: typer.Typer) -> None:
         name: str | None = options.name_option(), state_dir: Path = options.state_dir_option()
     ) -> None:
         """List the stack's containers."""
-        print(stack.ps(options.find(name, state_dir)), end="")
+        print(stack.ps(options.find_compose(name, state_dir)), end="")
 
     @app.command("logs")
     def logs_cmd(
@@ -298,7 +299,7 @@ def register(app: typer.Typer) -> None:
         state_dir: Path = options.state_dir_option(),
     ) -> None:
         """Show the stack's logs."""
-        stack.logs(options.find(name, state_dir), services or [], follow=follow, tail=tail)
+        stack.logs(options.find_compose(name, state_dir), services or [], follow=follow, tail=tail)
 
     @app.command("ls")
     def ls_cmd(as_json: bool = options.json_option()) -> None:

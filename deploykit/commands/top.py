@@ -86,7 +86,7 @@ def register(app: typer.Typer) -> None:
         """A live view of the running stack: per project requests/s, in flight, queued, errors,
         tokens/s and p50 latency; the engine's running and waiting requests, KV cache use and
         tokens/s; GPU memory. Read from the bridge's and vLLM's metrics inside their containers."""
-        record = options.find(name, state_dir)
+        record = options.find_compose(name, state_dir)
         docker = Docker.connect()
         samples: deque[top.Sample] = deque()
 
