@@ -1,0 +1,1 @@
+"""Tests of `deploykit serve`: one cell as local processes."""
