@@ -397,12 +397,14 @@ def _broker_context(layout: BrokerLayout, mqtt_port: int) -> dict[str, object]:
     }
 
 
-#: The broker configuration files a layout's ``config_dir`` holds (templates under broker/).
-BROKER_CONFIG_FILES = ("mosquitto.conf", "acl")
+#: The broker image's files a layout's ``config_dir`` holds (templates under broker/): Mosquitto's
+#: configuration, the ACL's shared part, and the entrypoint that builds the password file and the
+#: whole ACL from the accounts (``--reload-accounts``; its paths come from the environment).
+BROKER_CONFIG_FILES = ("mosquitto.conf", "acl", "entrypoint.sh")
 
 
 def broker_config(layout: BrokerLayout, mqtt_port: int) -> dict[str, str]:
-    """The broker image's Mosquitto configuration and ACL, for another layout (``deploykit serve``)."""
+    """The broker image's files for another layout (``deploykit serve``)."""
     context = _broker_context(layout, mqtt_port)
     return {name: _render(f"broker/{name}.j2", **context) for name in BROKER_CONFIG_FILES}
 

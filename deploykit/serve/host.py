@@ -16,7 +16,7 @@ from pathlib import Path
 
 from deploykit import render, stack
 from deploykit.errors import DeployKitError, UsageError
-from deploykit.secrets import DIR_MODE, FILE_MODE, ensure_secrets
+from deploykit.secrets import DIR_MODE, ensure_secrets
 from deploykit.serve import plan as serve_plan
 from deploykit.serve.plan import ServePlan
 from deploykit.serve.processes import Child, ChildDied, Stopped, Supervisor
@@ -91,17 +91,17 @@ def vllm_version(python: str) -> str:
     return lines[-1].strip()
 
 
-def mosquitto_programs() -> tuple[str, str]:
-    """mosquitto and mosquitto_passwd from PATH (and /usr/sbin, where Debian puts mosquitto)."""
+def mosquitto_program() -> str:
+    """mosquitto from PATH (or /usr/sbin, where Debian puts it); mosquitto_passwd on PATH."""
     path = os.environ.get("PATH", "") + os.pathsep + "/usr/sbin:/sbin"
-    found = [shutil.which(name, path=path) for name in ("mosquitto", "mosquitto_passwd")]
-    if found[0] is None or found[1] is None:
+    mosquitto = shutil.which("mosquitto", path=path)
+    if mosquitto is None or shutil.which("mosquitto_passwd") is None:
         raise UsageError(
             "mosquitto and mosquitto_passwd are needed on PATH for serve's own broker",
             "install Mosquitto 2 (apt-get install mosquitto), or use an existing broker: "
             "--broker mqtt://HOST:PORT with --mqtt-username-file and --mqtt-password-file",
         )
-    return found[0], found[1]
+    return mosquitto
 
 
 def _private_dir(path: Path) -> Path:
@@ -110,30 +110,30 @@ def _private_dir(path: Path) -> Path:
     return path
 
 
-def write_broker_files(plan: ServePlan, mosquitto_passwd: str) -> None:
-    """The broker image's mosquitto.conf and ACL for the broker folder, and its password file:
-    the accounts' ``user:password`` lines, hashed in place by ``mosquitto_passwd -U``."""
-    folder = _private_dir(plan.broker_dir)
-    _private_dir(folder / "data")
+def write_broker_files(plan: ServePlan) -> render.BrokerLayout:
+    """The broker image's files in the broker folder, and its entrypoint run to build the password
+    file (hashed in place by ``mosquitto_passwd -U``) and the ACL from the accounts."""
     user = pwd.getpwuid(os.getuid()).pw_name
     layout = serve_plan.broker_layout(plan, user)
+    _private_dir(plan.broker_dir)
+    for folder in (layout.config_dir, layout.auth_dir, layout.data_dir):
+        _private_dir(Path(folder))
     for name, text in render.broker_config(layout, plan.broker.port).items():
-        (folder / name).write_text(text)
-    passwd = folder / "passwd"
-    new = folder / "passwd.new"
-    fd = os.open(new, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
-    with os.fdopen(fd, "w") as f:
-        f.write(plan.secrets.users_file.read_text())
+        Path(layout.config_dir, name).write_text(text)
+    env = {**os.environ, **serve_plan.broker_accounts_environment(plan, layout)}
     done = subprocess.run(
-        [mosquitto_passwd, "-U", str(new)], capture_output=True, text=True, check=False
+        serve_plan.broker_accounts_command(layout),
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
     )
     if done.returncode != 0:
-        new.unlink(missing_ok=True)
         raise DeployKitError(
-            f"mosquitto_passwd -U failed: {done.stderr.strip()[-300:]}",
-            "check the Mosquitto installation (mosquitto_passwd from Mosquitto 2)",
+            f"the broker's accounts could not be written: {done.stderr.strip()[-300:]}",
+            "check the Mosquitto installation (mosquitto_passwd from Mosquitto 2 on PATH)",
         )
-    new.replace(passwd)
+    return layout
 
 
 def _answers(url: str) -> bool:
@@ -205,15 +205,15 @@ class ServeRun:
         """Start everything, then watch; stops everything on a signal (0) or when a child ends
         (raises :class:`ChildDied`)."""
         plan = self.plan
-        mosquitto = mosquitto_programs() if plan.local_broker else None
+        mosquitto = mosquitto_program() if plan.local_broker else None
         secrets = ensure_secrets(plan.secrets.path, plan.stack.options.projects)
         _private_dir(plan.logs_dir)
         api_key = secrets.engine_api_key_file.read_text().strip()
         self.supervisor.handle_signals()
         try:
             if mosquitto is not None:
-                write_broker_files(plan, mosquitto[1])
-                self._start("broker", serve_plan.broker_command(mosquitto[0], plan), {})
+                layout = write_broker_files(plan)
+                self._start("broker", serve_plan.broker_command(mosquitto, layout), {})
                 self.supervisor.wait_until(_listens(plan.broker.port), 30, "the broker")
             engine = serve_plan.engine_command(plan)
             self._start("engine", engine, serve_plan.engine_environment(plan, api_key))

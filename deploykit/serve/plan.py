@@ -261,19 +261,33 @@ def bridge_environment(plan: ServePlan) -> dict[str, str]:
 def broker_layout(plan: ServePlan, user: str) -> render.BrokerLayout:
     """The broker image's configuration in the instance's broker folder; Mosquitto started as root
     drops to ``user``, who owns the folder."""
-    folder = str(plan.broker_dir)
+    folder = plan.broker_dir
     return render.BrokerLayout(
         user=user,
-        config_dir=folder,
-        auth_dir=folder,
-        data_dir=f"{folder}/data",
+        config_dir=str(folder / "conf"),
+        auth_dir=str(folder / "auth"),
+        data_dir=str(folder / "data"),
         health_port=None,
         tls_include=False,
     )
 
 
-def broker_command(mosquitto: str, plan: ServePlan) -> list[str]:
-    return [mosquitto, "-c", str(plan.broker_dir / "mosquitto.conf")]
+def broker_command(mosquitto: str, layout: render.BrokerLayout) -> list[str]:
+    return [mosquitto, "-c", f"{layout.config_dir}/mosquitto.conf"]
+
+
+def broker_accounts_command(layout: render.BrokerLayout) -> list[str]:
+    """The broker image's entrypoint, building the password file and the ACL only."""
+    return ["sh", f"{layout.config_dir}/entrypoint.sh", "--reload-accounts"]
+
+
+def broker_accounts_environment(plan: ServePlan, layout: render.BrokerLayout) -> dict[str, str]:
+    """Where the entrypoint finds the accounts and the ACL's shared part, and writes its files."""
+    return {
+        "DEPLOYKIT_MQTT_USERS_FILE": str(plan.secrets.users_file),
+        "DEPLOYKIT_BROKER_AUTH_DIR": layout.auth_dir,
+        "DEPLOYKIT_BROKER_SHARED_ACL": f"{layout.config_dir}/acl",
+    }
 
 
 def describe(plan: ServePlan) -> Mapping[str, str]:
