@@ -44,13 +44,17 @@ def check_ports_free(ports: dict[str, int], host: str = "0.0.0.0") -> None:
 
 
 def check_not_running(plan: ServePlan) -> None:
-    """Refuse to start an instance whose recorded serve process still runs."""
+    """Refuse to start an instance whose recorded serve process still runs, or in the folder of a
+    compose stack."""
     try:
         record = stack.load_record(plan.folder)
     except (UsageError, OSError, ValueError, KeyError):
         return
     if record.serve is None:
-        return
+        raise UsageError(
+            f"{plan.name!r} is a compose stack of this folder ({plan.folder})",
+            f"give this instance another --name, or stop that stack: deploykit down --name {plan.name}",
+        )
     try:
         os.kill(record.serve.supervisor_pid, 0)
     except ProcessLookupError:

@@ -3,19 +3,23 @@ guard and the compose stack's settings; the tested vLLM range; refused flags. No
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from deploykit import render
+from deploykit import render, stack
 from deploykit.devices import GpuInventory, load_inventory
 from deploykit.errors import DeployKitError, UsageError
 from deploykit.matrix import VLLM_TESTED_RANGE, vllm_version_warning
 from deploykit.serve import plan as serve
-from deploykit.serve.host import check_ports_free
+from deploykit.serve.host import check_not_running, check_ports_free
 from deploykit.serve.plan import ServeRequest, plan_serve
+from deploykit.serve.record import ServeState
 
 from .conftest import DATA, LLAMA3_8B, LLAMA3_8B_FP8_CT
 
@@ -211,3 +215,33 @@ def test_a_taken_port_is_refused_naming_its_flag() -> None:
         with pytest.raises(UsageError, match=f"port {port} for the engine is taken") as err:
             check_ports_free({"engine": port})
         assert "--engine-port" in (err.value.hint or "")
+
+
+def test_an_instance_that_runs_or_a_compose_stack_is_not_replaced(
+    make_model: MakeModel, tmp_path: Path
+) -> None:
+    plan = plan_for(make_model(TINY), tmp_path)
+    plan.folder.mkdir(parents=True)
+    check_not_running(plan)  # nothing recorded
+    stack.record_stack(plan.stack)
+    with pytest.raises(UsageError, match="is a compose stack"):
+        check_not_running(plan)
+    state = ServeState(
+        engine_url=plan.engine_url,
+        engine_api_key_file=plan.secrets.engine_api_key_file,
+        bridge_url=plan.bridge_url,
+        broker_url=str(plan.broker),
+        local_broker=True,
+        logs_dir=plan.logs_dir,
+        supervisor_pid=os.getpid(),
+        vllm_python=PYTHON,
+        vllm_version="0.32.0",
+    )
+    stack.record_stack(plan.stack, state)
+    with pytest.raises(UsageError, match=f"already runs \\(pid {os.getpid()}\\)"):
+        check_not_running(plan)
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    stack.record_stack(plan.stack, replace(state, supervisor_pid=gone.pid))
+    check_not_running(plan)  # left behind by a serve that was killed
+    assert stack.load_record(plan.folder).serve == replace(state, supervisor_pid=gone.pid)
