@@ -42,14 +42,15 @@ class BrokerCheck(Layer):
     hint = "check `deploykit ps` and `deploykit logs broker`; is the MQTT port published?"
 
     def run(self) -> CheckResult:
+        credentials = self.target.credentials()
         client = mqttclient.connect_client(
-            self.target.address, credentials=self.target.credentials(), timeout_s=self.timeout_s
+            self.target.address, credentials=credentials, timeout_s=self.timeout_s
         )
         client.disconnect()
         client.loop_stop()
         return ok(
             self.name,
-            f"{self.target.address} accepts account {self.target.project_name!r}",
+            f"{self.target.address} accepts account {credentials.username!r}",
         )
 
 

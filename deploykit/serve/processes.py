@@ -1,10 +1,13 @@
 """A supervisor of child processes, each in its own process group (session), its output in a log
 file: started in order, watched, and stopped in reverse order (SIGTERM to the group, SIGKILL after a
-grace period). It signals only the groups it started."""
+grace period). It signals only the groups it started; a child whose supervisor is killed gets
+SIGTERM from the kernel (Linux)."""
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import os
 import signal
 import subprocess
@@ -18,6 +21,8 @@ from types import FrameType
 from deploykit.errors import CheckFailed
 
 LOG_MODE = 0o600
+#: prctl(2) option: the signal a process gets when its parent dies.
+PR_SET_PDEATHSIG = 1
 #: Signals that stop the supervisor (Ctrl-C, kill, a closed terminal).
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
@@ -92,6 +97,7 @@ class Supervisor:
                 env=dict(env),
                 cwd=cwd,
                 start_new_session=True,
+                preexec_fn=functools.partial(_term_with_parent, os.getpid()),
             )
         finally:
             os.close(fd)
@@ -148,6 +154,15 @@ class Supervisor:
         _signal_group(pgid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             child.proc.wait(10)
+
+
+def _term_with_parent(parent: int) -> None:
+    """In the child before it runs its program: SIGTERM when the supervisor dies, even of SIGKILL
+    (Linux's PR_SET_PDEATHSIG), so a killed serve leaves no server behind."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != parent:  # the supervisor died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _signal_group(pgid: int, sig: int) -> None:

@@ -11,6 +11,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -245,4 +246,17 @@ def test_an_existing_broker_with_an_account_from_files(
         assert secret not in log.read_text(errors="replace")
     s.proc.send_signal(signal.SIGINT)  # Ctrl-C
     assert s.proc.wait(180) == 0, s.text()
+    assert s.left_behind() == []
+
+
+def test_a_killed_serve_leaves_no_server_behind(start_serve: StartServe) -> None:
+    """SIGKILL cannot be handled: the kernel sends each process serve started SIGTERM instead."""
+    s = start_serve("killed")
+    s.wait_for(lambda: "waiting for vLLM" in s.text(), 300, "the engine to start")
+    assert set(s.note_groups()) == {"broker", "engine"}
+    s.proc.kill()
+    s.proc.wait(30)
+    deadline = time.monotonic() + 180
+    while s.left_behind() and time.monotonic() < deadline:
+        time.sleep(1)
     assert s.left_behind() == []
