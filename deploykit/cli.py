@@ -11,6 +11,7 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from deploykit import __version__
 from deploykit.commands import COMMAND_MODULES
@@ -46,9 +47,10 @@ def _root(
 def report_error(err: DeployKitError, console: Console | None = None) -> None:
     """Print an error and its hint the same way everywhere."""
     console = console or Console(stderr=True, highlight=False, soft_wrap=True)
-    console.print(f"[bold red]error:[/] {err.message}", markup=True)
+    # the message is text (it may quote a log with [brackets]), never markup
+    console.print(f"[bold red]error:[/] {escape(err.message)}", markup=True)
     if err.hint:
-        console.print(f"[bold yellow]hint:[/] {err.hint}", markup=True)
+        console.print(f"[bold yellow]hint:[/] {escape(err.hint)}", markup=True)
 
 
 def _flags_take_no_value(command: Any) -> None:

@@ -213,13 +213,13 @@ class ServeRun:
         secrets = ensure_secrets(plan.secrets.path, plan.stack.options.projects)
         _private_dir(plan.logs_dir)
         api_key = secrets.engine_api_key_file.read_text().strip()
+        engine = serve_plan.engine_command(plan)
         self.supervisor.handle_signals()
         try:
             if mosquitto is not None:
                 layout = write_broker_files(plan)
                 self._start("broker", serve_plan.broker_command(mosquitto, layout), {})
                 self.supervisor.wait_until(_listens(plan.broker.port), 30, "the broker")
-            engine = serve_plan.engine_command(plan)
             self._start("engine", engine, serve_plan.engine_environment(plan, api_key))
             self.say(f"waiting for vLLM to load the model (at most {self.start_timeout_s:.0f} s)")
             self.supervisor.wait_until(

@@ -119,3 +119,18 @@ def test_readme_matrix_is_generated_from_the_data() -> None:
     readme = (REPO / "README.md").read_text()
     block = readme.split("<!-- matrix:begin -->\n", 1)[1].split("<!-- matrix:end -->", 1)[0]
     assert block == matrix_markdown(), "README matrix is stale: paste `deploykit matrix --markdown`"
+
+
+def test_errors_print_quoted_logs_as_they_are() -> None:
+    """A message may quote a log (deploykit serve: the end of a process's log) with [brackets]."""
+    from rich.console import Console
+
+    from deploykit.cli import report_error
+    from deploykit.errors import CheckFailed
+
+    console = Console(record=True, width=200)
+    line = "(EngineCore pid=1) ERROR [core.py:133] [/] [bold]boom"
+    report_error(CheckFailed(f"engine exited with 1:\n{line}", "see [engine.log]"), console)
+    text = console.export_text()
+    assert f"error: engine exited with 1:\n{line}\n" in text
+    assert "hint: see [engine.log]" in text
