@@ -61,6 +61,18 @@ class ClientAccess:
         }
 
 
+def chosen_project(record: StackRecord, project: str | None) -> str:
+    """``project`` when the stack serves it, else its first project."""
+    chosen = project or record.projects[0]
+    if chosen not in record.projects:
+        raise UsageError(
+            f"the stack {record.name!r} serves projects {', '.join(record.projects)}, not {chosen!r}",
+            f"pick one with --project, or add it: deploykit up --name {record.name} --projects "
+            f"{','.join((*record.projects, chosen))} (with the stack's other options)",
+        )
+    return chosen
+
+
 def client_access(
     record: StackRecord, project: str | None, host: str = "127.0.0.1"
 ) -> ClientAccess:
@@ -72,13 +84,7 @@ def client_access(
             "are its owner's, not this kit's",
             "ask the broker's owner for a project account",
         )
-    chosen = project or record.projects[0]
-    if chosen not in record.projects:
-        raise UsageError(
-            f"the stack {record.name!r} serves projects {', '.join(record.projects)}, not {chosen!r}",
-            f"pick one with --project, or add it: deploykit up --name {record.name} --projects "
-            f"{','.join((*record.projects, chosen))} (with the stack's other options)",
-        )
+    chosen = chosen_project(record, project)
     path = SecretsFolder(record.secrets_dir).client_password_file(chosen)
     if not path.is_file():
         raise UsageError(

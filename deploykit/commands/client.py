@@ -75,9 +75,9 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Talk to the stack over MQTT from the terminal (/quit to leave)."""
         record = options.find(name, state_dir)
-        access = credentials.client_access(record, project)
+        chosen = credentials.chosen_project(record, project)
         sess = chat.ChatSession(
-            record, access.project, session or chat.new_session_id(), max_tokens=max_tokens
+            record, chosen, session or chat.new_session_id(), max_tokens=max_tokens
         )
         failed = False
 
@@ -94,7 +94,7 @@ def register(app: typer.Typer) -> None:
             if failed:
                 raise typer.Exit(1)
             return
-        _err.print(f"project {access.project}, session {sess.session_id}; /quit to leave")
+        _err.print(f"project {chosen}, session {sess.session_id}; /quit to leave")
 
         chat.repl(sess, _input_lines(), say)
 
