@@ -152,8 +152,9 @@ def test_sigterm_stops_everything_it_started(running: Serve) -> None:
     assert running.proc.pid not in group_members(running.proc.pid)
 
 
-def test_a_child_that_dies_stops_the_rest(start_serve: StartServe) -> None:
-    s = start_serve("dies")
+def test_a_child_that_dies_stops_the_rest(start_serve: StartServe, tmp_path: Path) -> None:
+    logs = tmp_path / "serve-logs"
+    s = start_serve("dies", "--logs", str(logs))
     # the broker is up and vLLM is loading: end the broker as if it crashed
     s.wait_for(lambda: "waiting for vLLM" in s.text(), 300, "the engine to start")
     pids = s.note_groups()
@@ -163,7 +164,8 @@ def test_a_child_that_dies_stops_the_rest(start_serve: StartServe) -> None:
     assert code == 1, s.text()
     out = s.text()
     assert "broker was killed by signal 9" in out
-    assert "the last lines of" in out and "broker.log" in out
+    assert f"the last lines of {logs / 'broker.log'}" in out
+    assert {p.name for p in logs.iterdir()} == {"broker.log", "engine.log"}
     assert s.left_behind() == []  # the engine's whole group went with it
     assert s.record() is None
 
