@@ -432,6 +432,10 @@ def served_model_name(cell: Cell, options: StackOptions) -> str:
 
 #: The engine's environment, beside the cell's arguments (the compose stack's and serve's).
 ENGINE_ENVIRONMENT = {"CUDA_DEVICE_ORDER": "PCI_BUS_ID", "VLLM_NO_USAGE_STATS": "1"}
+#: Added on the cpu stack: a request for log-probabilities makes vLLM's sampler torch.compile one
+#: function even with --enforce-eager, and the cpu image has no C++ compiler: the engine would die.
+#: It runs eagerly instead (docs/facts.md, "The cpu engine image").
+CPU_ENGINE_ENVIRONMENT = {"TORCHDYNAMO_DISABLE": "1"}
 #: Where the compose stack's bridge finds its config file (mounted from the host).
 BRIDGE_CONFIG_PATH = "/etc/deploykit/bridge.yaml"
 
@@ -508,7 +512,7 @@ def render_compose(cell: Cell, options: StackOptions | None = None) -> str:
         bridge_image=bridge_tag(options.image_version),
         broker_image=broker_tag(options.image_version),
         engine_command=engine_args(cell, options),
-        engine_environment=ENGINE_ENVIRONMENT,
+        engine_environment={**ENGINE_ENVIRONMENT, **(CPU_ENGINE_ENVIRONMENT if cpu else {})},
         bridge_environment=bridge_environment(
             options,
             broker=f"mqtt://broker:{MQTT_PORT}",
