@@ -8,7 +8,7 @@ what to do, the way cog maps "could not select device driver".
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,7 +16,9 @@ from typing import Any
 import docker
 import docker.errors
 from docker.models.containers import Container
-from docker.types import DeviceRequest
+from docker.types import DeviceRequest, Mount
+from requests.exceptions import ConnectionError as RequestsConnectionError
+from requests.exceptions import ReadTimeout
 
 from deploykit.errors import DockerError
 
@@ -367,6 +369,96 @@ class Docker:
             self.client.api.connect_container_to_network(container, network, aliases=aliases)
         except docker.errors.APIError as exc:
             raise explain(exc) from exc
+
+    def start_helper(
+        self,
+        image: str,
+        command: list[str],
+        *,
+        name: str,
+        network: str,
+        mounts: Sequence[tuple[Path, str]] = (),
+        environment: dict[str, str] | None = None,
+        user: str | None = None,
+        labels: dict[str, str] | None = None,
+    ) -> Container:
+        """Start a short-lived container on one network: read-only root filesystem (a tmpfs at
+        /tmp), no capabilities, no new privileges; ``mounts`` are (host path, container path)
+        pairs, bound read-only."""
+        try:
+            container = self.client.containers.create(
+                image,
+                entrypoint=command,
+                name=name,
+                network=network,
+                mounts=[
+                    Mount(target, str(source), type="bind", read_only=True)
+                    for source, target in mounts
+                ],
+                environment=environment or {},
+                user=user,
+                labels=labels or {},
+                read_only=True,
+                tmpfs={"/tmp": "size=16m"},
+                cap_drop=["ALL"],
+                security_opt=["no-new-privileges:true"],
+            )
+            container.start()
+        except docker.errors.APIError as exc:
+            raise explain(exc, image=image) from exc
+        return container
+
+    def output_lines(self, container: Container) -> Iterator[str]:
+        """A container's standard output, line by line, as it comes, until the container ends."""
+        buffer = b""
+        try:
+            for chunk in container.logs(stdout=True, stderr=False, stream=True, follow=True):
+                buffer += chunk
+                *lines, buffer = buffer.split(b"\n")
+                for line in lines:
+                    yield line.decode(errors="replace")
+        except docker.errors.APIError as exc:
+            raise explain(exc) from exc
+        if buffer:
+            yield buffer.decode(errors="replace")
+
+    def finish(self, container: Container, timeout_s: float = 30.0) -> tuple[int, str]:
+        """Wait for a container to end, then remove it; returns (exit status, the end of its
+        standard error). Stops it first when it is still running after ``timeout_s``."""
+        try:
+            try:
+                status = container.wait(timeout=timeout_s)
+            except (ReadTimeout, RequestsConnectionError):  # it is still running
+                container.stop(timeout=2)
+                status = container.wait(timeout=timeout_s)
+            stderr = container.logs(stdout=False, stderr=True, tail=30)
+            return int(status.get("StatusCode", 1)), stderr.decode(errors="replace")
+        except docker.errors.APIError as exc:
+            raise explain(exc) from exc
+        finally:
+            self.remove_container(container.id or "")
+
+    def log_lines(self, container: str, max_lines: int = 20000) -> list[str]:
+        """The first ``max_lines`` lines a container logged (standard output and error)."""
+        out: list[str] = []
+        buffer = b""
+        try:
+            stream = self.client.containers.get(container).logs(stream=True, follow=False)
+            for chunk in stream:
+                buffer += chunk
+                *lines, buffer = buffer.split(b"\n")
+                out.extend(line.decode(errors="replace") for line in lines)
+                if len(out) >= max_lines:
+                    return out[:max_lines]
+        except docker.errors.NotFound as exc:
+            raise DockerError(
+                f"container {container} does not exist", "start the stack: deploykit up"
+            ) from exc
+        except docker.errors.APIError as exc:
+            raise explain(exc) from exc
+        if buffer:
+            out.append(buffer.decode(errors="replace"))
+        return out
 
     def networks(self, labels: dict[str, str]) -> list[str]:
         filters = {"label": [f"{k}={v}" for k, v in labels.items()]}

@@ -1,6 +1,8 @@
 """The load generator: the same chat requests through MQTT (client -> broker -> bridge -> engine) and
 directly over HTTP to the engine, at a given concurrency, with per-request latency, time to first
-token (streamed requests), output tokens and errors. Used by benchmarks/bridge_throughput.py.
+token (streamed requests), output tokens and errors. Used by ``deploykit bench`` (the direct path
+runs inside a helper container on the stack's engine network: deploykit/bench/helper.py) and by
+benchmarks/bridge_throughput.py.
 
 Both paths are asyncio and cheap per request, so the generator is not what limits a run:
 - MQTT: a few paho clients driven by the loop (deploykit.mqttloop, no network threads), each
@@ -18,7 +20,7 @@ import itertools
 import statistics
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +29,7 @@ import orjson
 import paho.mqtt.client as mqtt
 
 from deploykit import names
+from deploykit.errors import CheckFailed
 from deploykit.mqttclient import BrokerAddress, Credentials, make_client, use_tls
 from deploykit.mqttloop import AsyncMqtt, publish_properties
 
@@ -99,6 +102,11 @@ class Run:
         }
 
 
+#: Called with each request's sample as soon as it is done (progress, and what an interrupted run
+#: keeps).
+OnSample = Callable[[Sample], None]
+
+
 def percentile(values: Sequence[float], q: float) -> float | None:
     data = sorted(values)
     if not data:
@@ -108,14 +116,19 @@ def percentile(values: Sequence[float], q: float) -> float | None:
     return statistics.quantiles(data, n=100, method="inclusive")[max(0, min(98, int(q) - 1))]
 
 
-async def _drive(concurrency: int, n: int, one: Any) -> tuple[list[Sample], float]:
+async def _drive(
+    concurrency: int, n: int, one: Any, on_sample: OnSample | None = None
+) -> tuple[list[Sample], float]:
     """Run ``n`` calls of ``one(i)`` with ``concurrency`` workers; returns samples and seconds."""
     counter = itertools.count()
     samples: list[Sample] = []
 
     async def worker() -> None:
         while (i := next(counter)) < n:
-            samples.append(await one(i))
+            sample = await one(i)
+            samples.append(sample)
+            if on_sample is not None:
+                on_sample(sample)
 
     start = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -133,9 +146,11 @@ class DirectLoad:
         *,
         api_key: str | None = None,
         extra: dict[str, Any] | None = None,
+        system_prompt: str | None = None,
         timeout_s: float = 600.0,
     ) -> None:
         self.url = engine_url.rstrip("/") + "/v1/chat/completions"
+        self.system_prompt = system_prompt
         self.model = model
         self.headers = {"Content-Type": "application/json"}
         if api_key:
@@ -146,7 +161,10 @@ class DirectLoad:
     def _body(self, prompt: str, max_tokens: int, stream: bool) -> bytes:
         body: dict[str, Any] = {
             "model": self.model,
-            "messages": [{"role": "user", "content": prompt}],
+            "messages": (
+                [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+            )
+            + [{"role": "user", "content": prompt}],
             "max_tokens": max_tokens,
             "temperature": 0.0,
             **self.extra,
@@ -164,6 +182,7 @@ class DirectLoad:
         *,
         stream: bool = False,
         prompts: Sequence[str] = (DEFAULT_PROMPT,),
+        on_sample: OnSample | None = None,
     ) -> Run:
         connector = aiohttp.TCPConnector(limit=concurrency, keepalive_timeout=4.0)
         async with aiohttp.ClientSession(
@@ -187,7 +206,7 @@ class DirectLoad:
                 except (aiohttp.ClientError, TimeoutError) as err:
                     return Sample(time.perf_counter() - t0, error=type(err).__name__)
 
-            samples, seconds = await _drive(concurrency, n, one)
+            samples, seconds = await _drive(concurrency, n, one, on_sample)
         return Run("direct", concurrency, stream, seconds, samples)
 
 
@@ -277,9 +296,19 @@ class MqttLoad:
                 name=f"loadgen-{tag}",
             )
             mq.start()
-            await asyncio.wait_for(connected, 10)
-            await mq.subscribe([(req.reply_topic, 1), (req.stream_topic, 1)])
             self._requesters.append(req)
+            try:
+                await asyncio.wait_for(connected, 10)
+            except TimeoutError:
+                await self.__aexit__()
+                raise CheckFailed(
+                    f"cannot connect to the broker at {self.address} as "
+                    f"{self.credentials.username if self.credentials else 'anonymous'!r}: "
+                    f"{mq.refused or 'no answer within 10 s'}",
+                    "check the stack with `deploykit health`; the project's password file must "
+                    "be readable by you",
+                ) from None
+            await mq.subscribe([(req.reply_topic, 1), (req.stream_topic, 1)])
         return self
 
     async def __aexit__(self, *_exc: object) -> None:
@@ -321,6 +350,7 @@ class MqttLoad:
         *,
         stream: bool = False,
         prompts: Sequence[str] = (DEFAULT_PROMPT,),
+        on_sample: OnSample | None = None,
     ) -> Run:
         if not self._requesters:
             raise RuntimeError("use MqttLoad as an async context manager")
@@ -336,7 +366,7 @@ class MqttLoad:
             }
             return await self.ask(requesters[i % len(requesters)], body)
 
-        samples, seconds = await _drive(concurrency, n, one)
+        samples, seconds = await _drive(concurrency, n, one, on_sample)
         return Run("mqtt", concurrency, stream, seconds, samples)
 
 

@@ -385,6 +385,7 @@ class StackRecord:
     gpu_ids: tuple[str, ...] = ()  # the pinned GPUs (none for the cpu stack)
     #: Local processes of ``deploykit serve`` instead of containers (None: a compose stack).
     serve: ServeState | None = None
+    bridge_config: Path | None = None  # the host file given to ``up --bridge-config``
 
     @property
     def compose_file(self) -> Path:
@@ -436,6 +437,7 @@ def load_record(folder: Path) -> StackRecord:
         bridge_name=opts.get("bridge_name") or opts.get("client_id", "bridge-1"),
         gpu_ids=() if data["gpu_class"] == "cpu" else tuple(opts.get("gpu_ids", ())),
         serve=ServeState.from_json(data["serve"]) if data.get("serve") else None,
+        bridge_config=Path(opts["bridge_config"]) if opts.get("bridge_config") else None,
     )
 
 

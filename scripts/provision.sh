@@ -61,9 +61,9 @@ fi
 
 # --- the project's venv ------------------------------------------------------------------------
 if [[ ! -x .venv/bin/deploykit ]] || [[ pyproject.toml -nt .venv/.installed ]]; then
-  say "creating .venv with deploykit and its development tools"
+  say "creating .venv with deploykit, its plotting extra (deploykit bench) and its development tools"
   [[ -d .venv ]] || "$python" -m venv .venv
-  .venv/bin/pip install -q -e '.[dev]'
+  .venv/bin/pip install -q -e '.[dev,bench]'
   touch .venv/.installed
 fi
 

@@ -9,7 +9,18 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from deploykit.commands import bridge, build, client, core, preflight, serve, soak, stack, top
+from deploykit.commands import (
+    bench,
+    bridge,
+    build,
+    client,
+    core,
+    preflight,
+    serve,
+    soak,
+    stack,
+    top,
+)
 
 COMMAND_MODULES: tuple[ModuleType, ...] = (
     core,
@@ -20,5 +31,6 @@ COMMAND_MODULES: tuple[ModuleType, ...] = (
     client,
     top,
     soak,
+    bench,
     bridge,
 )

@@ -33,6 +33,7 @@ COMMANDS = [
     "chat",
     "credentials",
     "top",
+    "bench",
     "bridge",
 ]
 
@@ -97,7 +98,7 @@ def test_one_flag_name_per_meaning() -> None:
     for command in ("up", "health"):
         rows = help_rows(command)
         assert "<float>" not in rows["--wait"] and "<float>" in rows["--timeout"]
-    for command in ("down", "ps", "logs", "health", "chat", "credentials", "top"):
+    for command in ("down", "ps", "logs", "health", "chat", "credentials", "top", "bench"):
         assert "--name" in help_rows(command), command
 
 
