@@ -33,6 +33,11 @@ def _pyplot() -> Any:
 
 
 def _axes_concurrency(ax: Any, concurrency: Sequence[int]) -> None:
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    if not concurrency:
+        ax.text(0.5, 0.5, "nothing measured", ha="center", va="center", transform=ax.transAxes)
+        return
     ax.set_xscale("log", base=2)
     ax.set_xticks(list(concurrency))
     ax.set_xticklabels([str(c) for c in concurrency])
@@ -76,7 +81,6 @@ def bench_png(r: BenchResult, out: Path) -> Path:
     lat.set_title("latency")
     for ax in (tput, lat):
         _axes_concurrency(ax, cs)
-        ax.legend(fontsize=8)
     tput.set_ylim(bottom=0)
     lat.set_ylim(bottom=0)
     s = r.stack
@@ -113,7 +117,6 @@ def methods_png(results: dict[str, BenchResult], out: Path) -> Path:
     lat.set_title("latency by method")
     for ax in (tput, lat):
         _axes_concurrency(ax, cs)
-        ax.legend(fontsize=8)
         ax.set_ylim(bottom=0)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
