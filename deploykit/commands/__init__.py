@@ -14,6 +14,7 @@ from deploykit.commands import (
     bridge,
     build,
     client,
+    compare,
     core,
     preflight,
     serve,
@@ -32,5 +33,6 @@ COMMAND_MODULES: tuple[ModuleType, ...] = (
     top,
     soak,
     bench,
+    compare,
     bridge,
 )

@@ -34,6 +34,7 @@ COMMANDS = [
     "credentials",
     "top",
     "bench",
+    "compare",
     "bridge",
 ]
 
