@@ -307,7 +307,7 @@ def run(
     result.finished = _now()
     result.host["load_average_after"] = list(os.getloadavg())
     try:
-        engine = enginenet.running_container(target.docker, record.name, "engine")
+        engine = enginenet.running_container(target.docker, record.name, "engine", running=False)
         result.engine_memory = enginelog.parse(target.docker.log_lines(engine.name)).to_json()
     except DeployKitError as err:  # the figures are measured; this costs only the memory line
         result.notes.append(f"engine memory not read: {err.message}")

@@ -105,7 +105,15 @@ class ShowProgress:
         self.console.print(text, markup=False)
 
 
-def print_config(record: Any, project: str) -> None:
+def print_config(name: str | None, state_dir: Path, project: str) -> None:
+    """The stack's bridge config plus the bench project; the bench project alone for a stack that
+    does not exist yet (to start it with)."""
+    try:
+        record = options.find(name, state_dir)
+    except UsageError:
+        _err.print("no such stack yet: the bench project alone", markup=False)
+        sys.stdout.write(limits.bench_config(None, project))
+        return
     existing = None
     if record.bridge_config is not None:
         try:
@@ -364,13 +372,13 @@ def register(app: typer.Typer) -> None:
                     f"{flag} goes with --methods only",
                     "a running stack is measured as it runs; --methods starts stacks of its own",
                 )
+        if print_bench_config:
+            print_config(name, state_dir, project or limits.BENCH_PROJECT)
+            return
         record = options.find(name, state_dir)
         chosen = project or (
             limits.BENCH_PROJECT if limits.BENCH_PROJECT in record.projects else record.projects[0]
         )
-        if print_bench_config:
-            print_config(record, project or limits.BENCH_PROJECT)
-            return
         plot.require_matplotlib()
         load = make_load(**load_args)
         folder = out or default_out(record.name)
