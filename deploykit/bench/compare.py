@@ -29,8 +29,8 @@ from typing import Any
 from deploykit import matrix
 from deploykit.errors import CheckFailed, UsageError
 
-#: Log-probabilities per position: vLLM's default ``--max-logprobs`` (docs/facts.md, "The engine
-#: server") allows at most 20.
+#: Log-probabilities per position: at most vLLM's default ``--max-logprobs``, 20
+#: (docs/facts.md, "The engine server").
 TOP_K = 20
 
 

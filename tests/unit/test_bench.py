@@ -313,3 +313,17 @@ def test_the_sampler_keeps_the_peak_between_takes() -> None:
 def test_no_gpu_no_sampler() -> None:
     sampler, why = gpumemory.sampler_for(())
     assert sampler is None and why == "none: the cpu stack has no GPU"
+
+
+def test_concurrency_and_requests_per_level() -> None:
+    from deploykit.bench.runner import Load
+    from deploykit.commands.bench.show import parse_concurrency
+
+    assert parse_concurrency("64, 1,8,8") == (1, 8, 64)
+    for bad in ("", "0,8", "one"):
+        with pytest.raises(UsageError, match="--concurrency"):
+            parse_concurrency(bad)
+    default = Load(concurrency=(1, 8, 64))
+    assert [default.requests_at(c) for c in (1, 8, 64)] == [8, 16, 128]
+    # never fewer requests than asked to be in flight at once
+    assert [Load(requests=10).requests_at(c) for c in (1, 64)] == [10, 64]
