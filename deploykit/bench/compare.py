@@ -105,6 +105,12 @@ def kl_divergence(p: dict[int, float], q: dict[int, float]) -> float:
     return max(kl, 0.0)  # never below 0 but for rounding
 
 
+def covered(p: dict[int, float], q: dict[int, float]) -> float:
+    """The baseline's probability on the tokens both report: how much of the distribution the KL
+    saw token by token (1.0: the KL is exact; near 0: the bound says little)."""
+    return sum(math.exp(p[t]) for t in p.keys() & q.keys())
+
+
 def top1(p: dict[int, float]) -> int:
     """The most likely token (the lowest id among equals, so ties decide alike everywhere)."""
     return min(p, key=lambda t: (-p[t], t))
@@ -128,6 +134,7 @@ class Comparison:
     prefix: list[int] = field(default_factory=list)  # matching prefix per prompt, in tokens
     baseline_tokens: list[int] = field(default_factory=list)
     kl: list[float] = field(default_factory=list)  # per teacher-forced position
+    covered: list[float] = field(default_factory=list)  # per position: see covered()
     top1_same: int = 0
 
     @property
@@ -161,6 +168,10 @@ class Comparison:
         return data[min(len(data) - 1, math.ceil(q * len(data)) - 1)]
 
     @property
+    def mean_covered(self) -> float:
+        return statistics.fmean(self.covered) if self.covered else 0.0
+
+    @property
     def top1_rate(self) -> float:
         return self.top1_same / self.positions if self.positions else 0.0
 
@@ -175,6 +186,7 @@ class Comparison:
             "kl_p99": self.kl_quantile(0.99),
             "kl_max": max(self.kl) if self.kl else 0.0,
             "top1_agreement": self.top1_rate,
+            "mean_covered": self.mean_covered,
         }
 
 
@@ -204,6 +216,7 @@ def compare(baseline: Sequence[Scored], candidate: Sequence[Scored]) -> Comparis
         out.baseline_tokens.append(len(b.output_ids))
         for p, q in zip(b.logprobs, cand.logprobs, strict=True):
             out.kl.append(kl_divergence(p, q))
+            out.covered.append(covered(p, q))
             out.top1_same += top1(p) == top1(q)
     return out
 
@@ -237,6 +250,8 @@ def markdown(c: Comparison, baseline: str, candidate: str, settings: dict[str, A
             f"| KL 99th percentile, max | {c.kl_quantile(0.99):.6f}, "
             f"{max(c.kl) if c.kl else 0.0:.6f} |",
             f"| top-1 agreement | {c.top1_same}/{c.positions} ({c.top1_rate * 100:.2f} %) |",
+            f"| baseline probability on the tokens both report (1 = the KL is exact) | "
+            f"{c.mean_covered:.3f} |",
             "",
         ]
     )

@@ -46,6 +46,7 @@ def test_a_hand_computed_case() -> None:
     q = logprobs({1: 0.45, 2: 0.45, 3: 0.05})  # token 3 only in q: q's rest is 0.1
     want = 0.5 * math.log(0.5 / 0.45) + 0.3 * math.log(0.3 / 0.45) + 0.2 * math.log(0.2 / 0.1)
     assert compare.kl_divergence(p, q) == pytest.approx(want, abs=1e-12)
+    assert compare.covered(p, q) == pytest.approx(0.8)
 
 
 def test_with_the_whole_vocabulary_it_is_the_kl() -> None:
@@ -106,6 +107,7 @@ def test_compare_counts_prompts_positions_and_agreement() -> None:
     kl_b = compare.kl_divergence(a, b)
     assert kl_b > 0 and c.kl == [0.0, 0.0, 0.0, kl_b, 0.0]
     assert c.mean_kl == pytest.approx(kl_b / 5)
+    assert c.covered == pytest.approx([0.9] * 5) and c.mean_covered == pytest.approx(0.9)
     assert c.kl_quantile(0.99) == kl_b
     data = c.to_json()
     assert data["exact_rate"] == 0.5 and data["top1_agreement"] == 0.8
