@@ -5,6 +5,7 @@ images built first, then ``up`` and a wait until every health check passes, as
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable, Iterator
 
 from deploykit import render, stack
@@ -28,11 +29,12 @@ def method_stack(
         f"{plan.cell.gpu_class}, model {plan.served_model_name!r})"
     )
     record: stack.StackRecord | None = None
+    start = time.monotonic()
     try:
-        stack.up(plan)
+        stack.up(plan)  # compose waits until the engine has loaded the model
         record = stack.load_record(plan.folder)
-        waited = wait_for(record, timeout)
-        say(f"{plan.cell.quant}: healthy after {waited:.0f} s")
+        wait_for(record, timeout)
+        say(f"{plan.cell.quant}: healthy {time.monotonic() - start:.0f} s after up")
         yield record
     finally:
         if record is not None:
