@@ -26,7 +26,7 @@ UP_ARGS := $(if $(QUANT),--quant $(QUANT)) $(if $(GPU),--gpus $(GPU)) \
   $(if $(PROJECTS),--projects $(PROJECTS)) $(if $(MQTT_PORT),--mqtt-port $(MQTT_PORT)) $(WHERE)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup up down health logs ps ls chat credentials top build render check test lint soak
+.PHONY: help setup up down health logs ps ls chat credentials top bench build render check test lint soak
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -62,6 +62,9 @@ credentials: ## broker address, username, password file and client snippets (PRO
 
 top: ## live view: requests/s, tokens/s, latency per project; the engine's queue and KV cache
 	$(DK) top $(WHERE) $(ARGS)
+
+bench: ## measure the running stack through MQTT and directly (project bench; ARGS="--concurrency 1,8")
+	$(DK) bench $(WHERE) $(ARGS)
 
 build: setup ## build the engine, bridge and broker images
 	$(DK) build $(if $(QUANT),--quant $(QUANT)) $(if $(GPU_CLASS),--gpu-class $(GPU_CLASS)) $(ARGS)
