@@ -17,6 +17,7 @@ import hashlib
 import json
 import re
 import shutil
+import stat
 import subprocess
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -294,6 +295,44 @@ def _tls_files(request: UpRequest) -> tuple[Path, Path] | None:
             "pick another port for TLS (8883 is usual)",
         )
     return cert.expanduser().resolve(), key.expanduser().resolve()
+
+
+def unreadable_by_engine(folder: Path, uid: int = render.RUNTIME_UID) -> list[Path]:
+    """What of a local checkpoint the engine's user (``uid``) cannot reach: files it neither owns
+    nor may read as "others", folders it may not enter; the folder's parent (mounted at /models)
+    included. Group permissions do not count: the image does not pin the user's group id."""
+    out = []
+    for path in (folder.parent, folder, *sorted(folder.rglob("*"))):
+        info = path.stat()
+        # read files, list and enter the checkpoint's folders, enter the mounted parent
+        read = path != folder.parent
+        enter = stat.S_ISDIR(info.st_mode)
+        if info.st_uid == uid:
+            need = (stat.S_IRUSR if read else 0) | (stat.S_IXUSR if enter else 0)
+        else:
+            need = (stat.S_IROTH if read else 0) | (stat.S_IXOTH if enter else 0)
+        if info.st_mode & need != need:
+            out.append(path)
+    return out
+
+
+def check_engine_can_read(plan: StackPlan) -> None:
+    """Refuse a local checkpoint the engine's user cannot read, before anything starts (the engine
+    would restart until ``up`` times out). Checked where a stack starts, not in :func:`plan_up`:
+    plans are made for other machines too."""
+    if plan.options.models_dir is None or plan.options.model is None:
+        return
+    folder = Path(plan.options.models_dir) / Path(plan.options.model).name
+    bad = unreadable_by_engine(folder)
+    if bad:
+        info = bad[0].stat()
+        more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+        raise UsageError(
+            f"the engine runs as user {render.RUNTIME_UID}, which cannot read the checkpoint "
+            f"{folder}: {bad[0]} (mode {stat.S_IMODE(info.st_mode):04o}, owner {info.st_uid})"
+            f"{more}",
+            f"make it readable by others: chmod -R a+rX {folder} (and a+x on {folder.parent})",
+        )
 
 
 def looks_like_path(model: str) -> bool:

@@ -172,6 +172,7 @@ def register(app: typer.Typer) -> None:
                     f"--{role} {side.method} does not run here: {plan.refused}",
                     "see `deploykit matrix` and `deploykit gpus`",
                 )
+            stack.check_engine_can_read(plan.plan)
             plans.append(plan)
         folder = out or Path("bench-results") / (
             "compare-" + dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S")

@@ -225,6 +225,7 @@ def register(app: typer.Typer) -> None:
             mqtt_tls_port=mqtt_tls_port,
         )
         planned = stack.plan_up(request, warn=warn)
+        stack.check_engine_can_read(planned)
         _check_port(planned.name, planned.options.mqtt_port)
         docker = Docker.connect()
         images = render.stack_images([planned.cell], planned.options.image_version)

@@ -3,14 +3,17 @@ name per meaning, usage errors (exit 2) that say what was wrong."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import struct
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from deploykit import stack
 from deploykit.errors import ExitCode
 from deploykit.matrix import METHODS, Quant
 
@@ -125,6 +128,47 @@ def test_up_with_a_missing_model_folder_is_a_usage_error(tmp_path: Path) -> None
     assert result.returncode == ExitCode.USAGE, result.stderr
     assert "--model ./no-such-checkpoint: the folder does not exist" in result.stderr
     assert not any(tmp_path.iterdir()), "a refused up left state behind"
+
+
+def test_up_with_a_checkpoint_the_engine_cannot_read_is_a_usage_error(tmp_path: Path) -> None:
+    """transformers 5 writes model.safetensors owner-only; the engine runs as its own user and
+    would restart until `up` timed out. `up` refuses before anything starts, and says the fix.
+    The config is written here (a small Llama's), the weights one tensor."""
+    models = tmp_path / "models"
+    model = models / "m"
+    model.mkdir(parents=True)
+    for folder in (models, model):
+        folder.chmod(0o755)
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": 128,
+        "intermediate_size": 256,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "head_dim": 64,
+        "num_hidden_layers": 2,
+        "max_position_embeddings": 2048,
+        "vocab_size": 512,
+        "dtype": "bfloat16",
+    }
+    (model / "config.json").write_text(json.dumps(config))
+    (model / "config.json").chmod(0o644)
+    header = json.dumps({"w": {"dtype": "BF16", "shape": [2], "data_offsets": [0, 4]}}).encode()
+    weights = model / "model.safetensors"
+    weights.write_bytes(struct.pack("<Q", len(header)) + header + bytes(4))
+    weights.chmod(0o600)
+    state = tmp_path / "state"
+    result = deploykit("up", "--model", str(model), "--state-dir", str(state))
+    assert result.returncode == ExitCode.USAGE, result.stderr
+    assert f"cannot read the checkpoint {model}: {weights} (mode 0600" in result.stderr
+    assert f"chmod -R a+rX {model}" in result.stderr
+    assert not state.exists(), "a refused up left state behind"
+    assert stack.unreadable_by_engine(model) == [weights]
+    weights.chmod(0o644)
+    assert stack.unreadable_by_engine(model) == []
+    models.chmod(0o700)  # mounted at /models: the engine must enter it
+    assert stack.unreadable_by_engine(model) == [models]
 
 
 def test_bad_stack_name_is_a_usage_error(tmp_path: Path) -> None:

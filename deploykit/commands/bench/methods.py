@@ -79,6 +79,9 @@ def bench_methods(
     for p in plans:
         if p.refused is not None:
             warn(f"{p.method} does not run here: {p.refused}")
+        else:
+            assert p.plan is not None
+            stack.check_engine_can_read(p.plan)
     if not any(p.plan is not None for p in plans):
         raise CheckFailed(
             f"none of the methods {', '.join(chosen)} runs here",
