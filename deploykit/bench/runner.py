@@ -101,6 +101,7 @@ class Target:
 
 def prepare(record: StackRecord, docker: Any, project: str, load: Load) -> Target:
     """Check that the project exists and that no limit of it shapes this load; find the engine."""
+    enginenet.require_compose(record)
     if project not in record.projects:
         raise UsageError(
             f"the stack {record.name!r} serves projects {', '.join(record.projects)}, not "

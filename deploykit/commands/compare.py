@@ -17,7 +17,7 @@ import typer
 from rich.console import Console
 
 from deploykit import hoststacks, stack
-from deploykit.bench import compare, methods, prompts
+from deploykit.bench import compare, enginenet, methods, prompts
 from deploykit.commands import options
 from deploykit.commands.methodstacks import method_stack
 from deploykit.commands.stack import free_port
@@ -159,7 +159,8 @@ def register(app: typer.Typer) -> None:
         plans: list[methods.MethodPlan | None] = []
         for role, side in zip(("baseline", "candidate"), sides, strict=True):
             if side.stack is not None:
-                hoststacks.find_stack(side.stack, state_dir)  # exists, before anything starts
+                # exists and is a compose stack, before anything starts
+                enginenet.require_compose(hoststacks.find_stack(side.stack, state_dir))
                 plans.append(None)
                 continue
             assert side.method is not None

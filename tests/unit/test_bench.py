@@ -327,3 +327,36 @@ def test_concurrency_and_requests_per_level() -> None:
     assert [default.requests_at(c) for c in (1, 8, 64)] == [8, 16, 128]
     # never fewer requests than asked to be in flight at once
     assert [Load(requests=10).requests_at(c) for c in (1, 64)] == [10, 64]
+
+
+def test_a_serve_instance_is_refused_before_anything_is_asked_of_docker(tmp_path: Path) -> None:
+    """bench and compare reach the engine from a container on a compose stack's engine network;
+    a `deploykit serve` instance has none. No Docker client is passed: none is needed to refuse."""
+    from deploykit.bench import enginenet, runner
+    from deploykit.serve.record import ServeState
+    from deploykit.stack import StackRecord
+
+    state = ServeState(
+        engine_url="http://127.0.0.1:8000",
+        engine_api_key_file=tmp_path / "engine_api_key",
+        bridge_url="http://127.0.0.1:8081",
+        broker_url="mqtt://127.0.0.1:1883",
+        local_broker=True,
+        logs_dir=tmp_path / "logs",
+        supervisor_pid=1,
+        vllm_python="python3",
+        vllm_version="0.32.0",
+    )
+    record = StackRecord(
+        name="served", folder=tmp_path, quant="none", gpu_class="cpu", served_model_name="demo",
+        projects=("bench",), mqtt_port=1883, secrets_dir=tmp_path, bridge_name="bridge-1",
+        serve=state,
+    )  # fmt: skip
+    for refuse in (
+        lambda: runner.prepare(record, None, "bench", runner.Load()),
+        lambda: enginenet.find(record, None),
+    ):
+        with pytest.raises(UsageError, match="'served' is a `deploykit serve` instance") as err:
+            refuse()
+        assert "deploykit up" in (err.value.hint or "")
+    enginenet.require_compose(dataclasses.replace(record, serve=None))
