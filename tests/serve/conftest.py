@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -32,10 +33,25 @@ VLLM_PYTHON = os.environ.get(
 START_TIMEOUT_S = 900.0
 
 
+_given: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A free port below the kernel's ephemeral range (net.ipv4.ip_local_port_range): serve binds
+    the ports it is given only after vLLM has started, and a port the kernel hands out as an
+    ephemeral one (vLLM's own sockets, any outgoing connection) can be taken in between."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for port in random.sample(range(20000, min(low, 32768)), 2000):
+        if port in _given:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+        _given.add(port)
+        return port
+    raise RuntimeError("no free port below the ephemeral range")
 
 
 def group_members(pgid: int) -> list[int]:
