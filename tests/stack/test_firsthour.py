@@ -177,19 +177,29 @@ def test_example_clients_stream_and_retry_with_the_same_request_id(
         {stack.COMPOSE_PROJECT_LABEL: NAME, stack.COMPOSE_SERVICE_LABEL: "bridge"}
     )[0]
     for kind, cmd in clients.items():
-        proc = subprocess.Popen(
-            [*cmd, "--timeout", "2", "--retries", "6", "Are you there?"],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        # paused before the client starts, and until it has retried at least once: however long
+        # the client takes to start, its first attempt goes unanswered
         bridge.pause()
         try:
-            time.sleep(4)
+            proc = subprocess.Popen(
+                [*cmd, "--timeout", "2", "--retries", "6", "Are you there?"],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            assert proc.stderr is not None
+            seen: list[str] = []
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                line = proc.stderr.readline()
+                seen.append(line)
+                if not line or "retrying with the same requestId" in line:
+                    break
         finally:
             bridge.unpause()
-        out, err = proc.communicate(timeout=120)
+        out, rest = proc.communicate(timeout=120)
+        err = "".join(seen) + rest
         assert proc.returncode == 0, f"{kind}: {err}"
         assert "retrying with the same requestId" in err, f"{kind}: {err}"
         assert out.strip(), f"{kind}: no answer"
