@@ -257,12 +257,11 @@ def markdown(c: Comparison, baseline: str, candidate: str, settings: dict[str, A
     )
 
 
-# --- the edge: the engine calls, in the helper container ---------------------------------------
+# --- the edge: the engine calls, through the helper ---------------------------------------
 
 
 def score(
-    docker: Any,
-    record: Any,
+    engine: Any,
     prompts: Sequence[str],
     max_tokens: int,
     *,
@@ -270,11 +269,9 @@ def score(
     top_k: int = TOP_K,
     on_scored: Callable[[Scored], None] | None = None,
 ) -> list[Scored]:
-    """Each prompt on the stack's engine, one at a time: its greedy output, and its log-
+    """Each prompt on the stack's engine (deploykit.bench.engine), one at a time: its greedy output, and its log-
     probabilities teacher-forced on ``force`` (default: its own output). Ctrl-C passes through;
     what was scored until then went to ``on_scored``."""
-    from deploykit.bench import enginenet
-
     out: list[Scored] = []
 
     def on_line(item: dict[str, Any]) -> None:
@@ -286,11 +283,11 @@ def score(
 
     job = {
         "kind": "score",
-        "model": record.served_model_name,
+        "model": engine.record.served_model_name,
         "prompts": list(prompts),
         "max_tokens": max_tokens,
         "top_k": top_k,
         "force": list(force) if force is not None else None,
     }
-    enginenet.run_job(docker, enginenet.find(record, docker), job, on_line)
+    engine.run_job(job, on_line)
     return out

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import deploykit
-from deploykit.errors import CheckFailed, DockerError, UsageError
+from deploykit.errors import CheckFailed, DockerError
 from deploykit.ports import ENGINE_PORT
 from deploykit.secrets import SecretsFolder
 from deploykit.stack import COMPOSE_PROJECT_LABEL, COMPOSE_SERVICE_LABEL, StackRecord
@@ -47,16 +47,6 @@ class EngineNet:
     engine_url: str = f"http://engine:{ENGINE_PORT}"
 
 
-def require_compose(record: StackRecord) -> None:
-    """Refuse a ``deploykit serve`` instance: it has no engine network for the helper."""
-    if record.serve is not None:
-        raise UsageError(
-            f"{record.name!r} is a `deploykit serve` instance, not a compose stack: bench and "
-            "compare reach the engine from a container on a compose stack's engine network",
-            "measure a compose stack of the same method and model (deploykit up)",
-        )
-
-
 def running_container(docker: Any, stack: str, service: str, running: bool = True) -> Any:
     """The stack's (running) container of ``service``; CheckFailed when there is none."""
     found = [
@@ -74,7 +64,6 @@ def running_container(docker: Any, stack: str, service: str, running: bool = Tru
 
 def find(record: StackRecord, docker: Any) -> EngineNet:
     """The stack's bridge image, engine network and engine API key file."""
-    require_compose(record)
     bridge = running_container(docker, record.name, "bridge")
     running_container(docker, record.name, "engine")
     networks = docker.networks({COMPOSE_PROJECT_LABEL: record.name, NETWORK_LABEL: "engine"})

@@ -95,9 +95,16 @@ def plan_methods(
     mqtt_port: int,
     inventory: Sequence[Any] | None = None,
     driver: Any | None = None,
+    images: bool = True,
 ) -> list[MethodPlan]:
     """Each method's stack as ``up`` would plan it (serving the bench project only), or its
-    refusal. ``inventory``/``driver`` default to this host's (NVML)."""
+    refusal. ``inventory``/``driver`` default to this host's (NVML). ``images=False``: the
+    methods run through ``deploykit serve`` from a Python environment whose vLLM brings its own
+    CUDA, so the engine images' driver requirement does not apply (as serve plans it)."""
+    if not images and inventory is None:
+        host = stack.host_inventory()
+        inventory = list(host.gpus) if host is not None else []
+        driver = None
     out = []
     for method in methods:
         request = stack.UpRequest(

@@ -1,6 +1,7 @@
 """One stack's benchmark: per concurrency, the load through MQTT (the stack's published broker
 port, the project's account, streaming on), then the same load directly over HTTP to the engine
-from a helper container on the stack's engine network (deploykit/bench/enginenet.py).
+(deploykit/bench/engine.py: from a helper container on a compose stack's engine network, from a
+helper process to a ``deploykit serve`` instance's loopback port).
 
 Before measuring: a few requests on each path (not counted), and the MQTT path's fixed cost:
 1-token requests at concurrency 1, MQTT and direct in alternating blocks. The direct path sends
@@ -23,13 +24,13 @@ from typing import Any, Protocol
 
 import deploykit
 from deploykit import loadgen
-from deploykit.bench import enginelog, enginenet, limits
+from deploykit.bench import enginelog, limits
+from deploykit.bench.engine import Engine, connect
 from deploykit.bench.gpumemory import Sampler
 from deploykit.bench.results import BenchResult, Overhead, RunRecord
 from deploykit.errors import DeployKitError, UsageError
 from deploykit.loadgen import Sample
 from deploykit.mqttclient import BrokerAddress, Credentials
-from deploykit.secrets import SecretsFolder
 from deploykit.stack import StackRecord
 
 MIN_REQUESTS = 8
@@ -86,30 +87,27 @@ class Target:
     """The stack a benchmark talks to, and how."""
 
     record: StackRecord
-    docker: Any
+    engine: Engine
     settings: limits.ProjectSettings
-    net: enginenet.EngineNet
     address: BrokerAddress
     credentials: Credentials
-    vllm: str | None = None
-    engine_image: str | None = None
 
     @property
     def project(self) -> str:
         return self.settings.project
 
 
-def prepare(record: StackRecord, docker: Any, project: str, load: Load) -> Target:
-    """Check that the project exists and that no limit of it shapes this load; find the engine."""
-    enginenet.require_compose(record)
+def prepare(record: StackRecord, docker: Any | None, project: str, load: Load) -> Target:
+    """Check that the project exists and that no limit of it shapes this load; find the engine
+    (``docker`` for a compose stack; a serve instance needs none)."""
     if project not in record.projects:
         raise UsageError(
             f"the stack {record.name!r} serves projects {', '.join(record.projects)}, not "
             f"{project!r}",
             limits.refusal_hint(record.name, record.projects, project),
         )
-    bridge = enginenet.running_container(docker, record.name, "bridge")
-    settings = limits.read_project_settings(docker, bridge.name, project)
+    engine = connect(record, docker)
+    settings = engine.settings(project)
     problems = limits.problems(settings, max(load.concurrency), load.max_tokens)
     if problems:
         raise UsageError(
@@ -117,19 +115,12 @@ def prepare(record: StackRecord, docker: Any, project: str, load: Load) -> Targe
             f"({'; '.join(problems)}): a benchmark through them measures the limits, not the stack",
             limits.refusal_hint(record.name, record.projects),
         )
-    net = enginenet.find(record, docker)
-    engine = enginenet.running_container(docker, record.name, "engine")
-    labels = engine.attrs.get("Config", {}).get("Labels") or {}
-    password = SecretsFolder(record.secrets_dir).client_password(project)
     return Target(
         record=record,
-        docker=docker,
+        engine=engine,
         settings=settings,
-        net=net,
-        address=BrokerAddress("127.0.0.1", record.mqtt_port),
-        credentials=Credentials(project, password),
-        vllm=labels.get("io.deploykit.vllm-version"),
-        engine_image=engine.attrs.get("Config", {}).get("Image"),
+        address=record.broker_address(),
+        credentials=record.client_credentials(project),
     )
 
 
@@ -164,7 +155,7 @@ def _mqtt(target: Target, load: Load, c: int, n: int, max_tokens: int, got: _Col
 
 
 def _direct(target: Target, load: Load, c: int, n: int, max_tokens: int, got: _Collect) -> float:
-    """One direct run in the helper container; returns its seconds."""
+    """One direct run in the helper (container or process); returns its seconds."""
     seconds: list[float] = []
 
     def on_line(item: dict[str, Any]) -> None:
@@ -186,7 +177,7 @@ def _direct(target: Target, load: Load, c: int, n: int, max_tokens: int, got: _C
         "extra": target.settings.engine_extra,
         "system_prompt": target.settings.system_prompt,
     }
-    enginenet.run_job(target.docker, target.net, job, on_line)
+    target.engine.run_job(job, on_line)
     return seconds[0] if seconds else got.seconds()
 
 
@@ -262,8 +253,8 @@ def run(
             "quant": record.quant,
             "gpu_class": record.gpu_class,
             "model": record.served_model_name,
-            "vllm": target.vllm,
-            "engine_image": target.engine_image,
+            "vllm": target.engine.vllm,
+            "engine_image": target.engine.runs_in,
             "gpu_ids": list(record.gpu_ids),
         },
         project=target.project,
@@ -308,8 +299,7 @@ def run(
     result.finished = _now()
     result.host["load_average_after"] = list(os.getloadavg())
     try:
-        engine = enginenet.running_container(target.docker, record.name, "engine", running=False)
-        result.engine_memory = enginelog.parse(target.docker.log_lines(engine.name)).to_json()
+        result.engine_memory = enginelog.parse(target.engine.log_lines()).to_json()
     except DeployKitError as err:  # the figures are measured; this costs only the memory line
         result.notes.append(f"engine memory not read: {err.message}")
     return result

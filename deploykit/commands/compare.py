@@ -17,7 +17,7 @@ import typer
 from rich.console import Console
 
 from deploykit import hoststacks, stack
-from deploykit.bench import compare, enginenet, methods, prompts
+from deploykit.bench import compare, engine, methods, prompts
 from deploykit.commands import options
 from deploykit.commands.methodstacks import method_stack
 from deploykit.commands.stack import free_port
@@ -78,8 +78,9 @@ def score_side(
         )
 
     try:
+        docker = Docker.connect() if record.serve is None else None
         compare.score(
-            Docker.connect(), record, prompt_list, max_tokens, force=force, on_scored=tell
+            engine.connect(record, docker), prompt_list, max_tokens, force=force, on_scored=tell
         )
     except KeyboardInterrupt:
         return done, True
@@ -159,8 +160,7 @@ def register(app: typer.Typer) -> None:
         plans: list[methods.MethodPlan | None] = []
         for role, side in zip(("baseline", "candidate"), sides, strict=True):
             if side.stack is not None:
-                # exists and is a compose stack, before anything starts
-                enginenet.require_compose(hoststacks.find_stack(side.stack, state_dir))
+                hoststacks.find_stack(side.stack, state_dir)  # exists, before anything starts
                 plans.append(None)
                 continue
             assert side.method is not None

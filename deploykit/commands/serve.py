@@ -139,7 +139,7 @@ def register(app: typer.Typer) -> None:
         )
         python = vllm_python or sys.executable
         planned = plan_serve(request, vllm_python=python, warn=warn)
-        host.check_not_running(planned)
+        host.check_not_running(planned.name, planned.folder)
         host.check_ports_free(planned.ports())
         _err.print(f"checking the vLLM of {python}", markup=False)
         version = host.vllm_version(python)

@@ -43,17 +43,17 @@ def check_ports_free(ports: dict[str, int], host: str = "0.0.0.0") -> None:
                 ) from err
 
 
-def check_not_running(plan: ServePlan) -> None:
+def check_not_running(name: str, folder: Path) -> None:
     """Refuse to start an instance whose recorded serve process still runs, or in the folder of a
     compose stack."""
     try:
-        record = stack.load_record(plan.folder)
+        record = stack.load_record(folder)
     except (UsageError, OSError, ValueError, KeyError):
         return
     if record.serve is None:
         raise UsageError(
-            f"{plan.name!r} is a compose stack of this folder ({plan.folder})",
-            f"give this instance another --name, or stop that stack: deploykit down --name {plan.name}",
+            f"{name!r} is a compose stack of this folder ({folder})",
+            f"give this instance another --name, or stop that stack: deploykit down --name {name}",
         )
     try:
         os.kill(record.serve.supervisor_pid, 0)
@@ -62,7 +62,7 @@ def check_not_running(plan: ServePlan) -> None:
     except PermissionError:
         pass
     raise UsageError(
-        f"the serve instance {plan.name!r} already runs (pid {record.serve.supervisor_pid})",
+        f"the serve instance {name!r} already runs (pid {record.serve.supervisor_pid})",
         f"stop it first (kill {record.serve.supervisor_pid}), or give this one another --name",
     )
 

@@ -39,11 +39,16 @@ class Child:
 
     def tail(self, lines: int = 30) -> str:
         """The last lines of the child's log."""
-        try:
-            text = self.log.read_bytes()[-20000:].decode(errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
+        return tail(self.log, lines)
+
+
+def tail(log: Path, lines: int = 30) -> str:
+    """The last lines of a log file ("" when it cannot be read)."""
+    try:
+        text = log.read_bytes()[-20000:].decode(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
 
 
 class Stopped(Exception):

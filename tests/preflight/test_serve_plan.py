@@ -222,10 +222,10 @@ def test_an_instance_that_runs_or_a_compose_stack_is_not_replaced(
 ) -> None:
     plan = plan_for(make_model(TINY), tmp_path)
     plan.folder.mkdir(parents=True)
-    check_not_running(plan)  # nothing recorded
+    check_not_running(plan.name, plan.folder)  # nothing recorded
     stack.record_stack(plan.stack)
     with pytest.raises(UsageError, match="is a compose stack"):
-        check_not_running(plan)
+        check_not_running(plan.name, plan.folder)
     state = ServeState(
         engine_url=plan.engine_url,
         engine_api_key_file=plan.secrets.engine_api_key_file,
@@ -239,9 +239,9 @@ def test_an_instance_that_runs_or_a_compose_stack_is_not_replaced(
     )
     stack.record_stack(plan.stack, state)
     with pytest.raises(UsageError, match=f"already runs \\(pid {os.getpid()}\\)"):
-        check_not_running(plan)
+        check_not_running(plan.name, plan.folder)
     gone = subprocess.Popen(["true"])
     gone.wait()
     stack.record_stack(plan.stack, replace(state, supervisor_pid=gone.pid))
-    check_not_running(plan)  # left behind by a serve that was killed
+    check_not_running(plan.name, plan.folder)  # left behind by a serve that was killed
     assert stack.load_record(plan.folder).serve == replace(state, supervisor_pid=gone.pid)

@@ -329,34 +329,52 @@ def test_concurrency_and_requests_per_level() -> None:
     assert [Load(requests=10).requests_at(c) for c in (1, 64)] == [10, 64]
 
 
-def test_a_serve_instance_is_refused_before_anything_is_asked_of_docker(tmp_path: Path) -> None:
-    """bench and compare reach the engine from a container on a compose stack's engine network;
-    a `deploykit serve` instance has none. No Docker client is passed: none is needed to refuse."""
-    from deploykit.bench import enginenet, runner
+def test_a_serve_instance_s_engine_is_reached_without_docker(tmp_path: Path) -> None:
+    """A `deploykit serve` instance's engine is on loopback: bench and compare reach it from a
+    helper process (no Docker client is passed), read the project's settings from the instance's
+    bridge config with the bridge's own code, and its start-up figures from serve's engine log."""
+    from deploykit.bench import engine, runner
+    from deploykit.secrets import ensure_secrets
     from deploykit.serve.record import ServeState
     from deploykit.stack import StackRecord
 
+    ensure_secrets(tmp_path / "secrets", ("bench", "other"))
+    config = tmp_path / "bridge.yaml"
+    config.write_text(limits.bench_config(None))
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "engine.log").write_text(
+        "INFO Model loading took 14.96 GiB memory and 3.1 seconds\n"
+        "INFO Available KV cache memory: 112.41 GiB\nINFO GPU KV cache size: 920,864 tokens\n"
+    )
     state = ServeState(
         engine_url="http://127.0.0.1:8000",
-        engine_api_key_file=tmp_path / "engine_api_key",
+        engine_api_key_file=tmp_path / "secrets" / "engine_api_key",
         bridge_url="http://127.0.0.1:8081",
-        broker_url="mqtt://127.0.0.1:1883",
+        broker_url="mqtt://127.0.0.1:18893",
         local_broker=True,
         logs_dir=tmp_path / "logs",
         supervisor_pid=1,
-        vllm_python="python3",
-        vllm_version="0.32.0",
+        vllm_python="/opt/vllm/bin/python",
+        vllm_version="0.24.0",
     )
     record = StackRecord(
         name="served", folder=tmp_path, quant="none", gpu_class="cpu", served_model_name="demo",
-        projects=("bench",), mqtt_port=1883, secrets_dir=tmp_path, bridge_name="bridge-1",
-        serve=state,
+        projects=("bench", "other"), mqtt_port=18893, secrets_dir=tmp_path / "secrets",
+        bridge_name="bridge-1", serve=state, bridge_config=config,
     )  # fmt: skip
-    for refuse in (
-        lambda: runner.prepare(record, None, "bench", runner.Load()),
-        lambda: enginenet.find(record, None),
-    ):
-        with pytest.raises(UsageError, match="'served' is a `deploykit serve` instance") as err:
-            refuse()
-        assert "deploykit up" in (err.value.hint or "")
-    enginenet.require_compose(dataclasses.replace(record, serve=None))
+    target = runner.prepare(record, None, "bench", runner.Load(concurrency=(1, 256)))
+    assert isinstance(target.engine, engine.ServeEngine)
+    assert (target.address.host, target.address.port) == ("127.0.0.1", 18893)
+    assert target.credentials.username == "bench"
+    assert target.settings.rate_limit_per_minute is None and target.settings.fixed_length
+    assert target.engine.vllm == "0.24.0"
+    assert "/opt/vllm/bin/python" in (target.engine.runs_in or "")
+    memory = enginelog.parse(target.engine.log_lines())
+    assert (memory.weights_gib, memory.kv_cache_tokens) == (14.96, 920864)
+    # the other project has the default rate limit: refused with what to do, as for compose
+    with pytest.raises(UsageError, match="rate limit of 1200") as err:
+        runner.prepare(record, None, "other", runner.Load())
+    assert "--print-config" in (err.value.hint or "")
+    # a compose stack still needs Docker
+    with pytest.raises(UsageError, match="runs in Docker"):
+        engine.connect(dataclasses.replace(record, serve=None), None)

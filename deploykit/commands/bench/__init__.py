@@ -119,6 +119,19 @@ def register(app: typer.Typer) -> None:
         timeout: float = typer.Option(
             900.0, "--timeout", help="With --methods: seconds each stack may take to be healthy."
         ),
+        serve: bool = typer.Option(
+            False,
+            "--serve",
+            help="With --methods: run each method as a `deploykit serve` instance (local "
+            "processes, no Docker) instead of a compose stack.",
+        ),
+        vllm_python: str | None = typer.Option(
+            None,
+            "--vllm-python",
+            help="With --methods --serve: the python of the environment with vLLM. Default: "
+            "the one running deploykit.",
+            show_default=False,
+        ),
         name: str | None = options.name_option(),
         state_dir: Path = options.state_dir_option(),
     ) -> None:
@@ -139,12 +152,16 @@ def register(app: typer.Typer) -> None:
                     "--project and --print-config do not go with --methods",
                     "each method's stack serves the project bench, with its limits off",
                 )
+            if vllm_python is not None and not serve:
+                raise UsageError("--vllm-python goes with --serve", "add --serve")
             bench_methods(
                 methods_text, model, gpus, gpu_class, mqtt_port, timeout, name, state_dir,
-                load_args, out,
+                load_args, out, serve=serve, vllm_python=vllm_python,
             )  # fmt: skip
             return
         alone = {
+            "--serve": True if serve else None,
+            "--vllm-python": vllm_python,
             "--model": model,
             "--gpus": gpus,
             "--gpu-class": gpu_class,
@@ -166,7 +183,8 @@ def register(app: typer.Typer) -> None:
         plot.require_matplotlib()
         load = make_load(**load_args)
         folder = out or default_out(record.name)
-        result = measure(record, Docker.connect(), chosen, load)
+        docker = Docker.connect() if record.serve is None else None
+        result = measure(record, docker, chosen, load)
         files = output.write_bench(result, folder)
         err.print(f"wrote {', '.join(str(f) for f in files)}", markup=False)
         finish([result], folder, f"--name {record.name}")

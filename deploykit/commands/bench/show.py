@@ -104,9 +104,10 @@ class ShowProgress:
 
 
 def measure(
-    record: stack.StackRecord, docker: Docker, project: str, load: runner.Load
+    record: stack.StackRecord, docker: Docker | None, project: str, load: runner.Load
 ) -> BenchResult:
-    """One stack's benchmark with progress on the terminal (runner.run)."""
+    """One stack's benchmark with progress on the terminal (runner.run); ``docker`` for a
+    compose stack (a serve instance needs none)."""
     target = runner.prepare(record, docker, project, load)
     err.print(
         f"bench: stack {record.name!r}, {record.quant} on {record.gpu_class}, model "
