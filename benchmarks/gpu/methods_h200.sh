@@ -62,14 +62,15 @@ start)
        --concurrency "$CONCURRENCY" --max-tokens "$MAX_TOKENS" --overhead-requests 0
        --name h200 --out $RES/methods --timeout 900)
   echo "${cmd[*]}" > $RES/command.txt
-  nohup "${cmd[@]}" > $RES/bench.out 2>&1 &
+  # its own session: the device tool ends the call's process group when the call returns
+  setsid nohup "${cmd[@]}" > $RES/bench.out 2>&1 < /dev/null &
   echo "bench started: pid $!"
   ;;
 collect)
+  # one archive: the device tool brings back only a few files per call
   out=${OUT:-/tmp/out}
   mkdir -p $out
-  cp -r $RES/. $out/ 2>/dev/null
-  find $out -name '*.png' -size +2M -delete
+  tar -czf $out/res.tgz -C $RES . 2>/dev/null
   tail -5 $RES/bench.out 2>/dev/null
   ls $RES/methods 2>/dev/null
   ;;
