@@ -134,6 +134,20 @@ def build_tokenizer(out: Path, think: bool = False) -> None:
     cfg_path.write_text(json.dumps(cfg, indent=2))
 
 
+def cover_vocabulary(out: Path, vocab_size: int) -> None:
+    """Give every id up to ``vocab_size`` a token of its own (`` w<id>``), so that whatever a
+    random model of a real vocabulary size generates decodes to text: a benchmark's time to
+    first token is the first token's, not the first one the ~512-token BPE happens to cover.
+    The added entries have no merges, so encoding text never produces them."""
+    path = out / "tokenizer.json"
+    data = json.loads(path.read_text())
+    vocab = data["model"]["vocab"]
+    have = max(vocab.values()) + 1
+    for token_id in range(have, vocab_size):
+        vocab[f"\u0120w{token_id}"] = token_id  # byte-level form of " w<id>"
+    path.write_text(json.dumps(data, ensure_ascii=False))
+
+
 def build_model(out: Path, size: str, seed: int, config_only: bool = False) -> int:
     import torch
     from transformers import (
@@ -143,6 +157,8 @@ def build_model(out: Path, size: str, seed: int, config_only: bool = False) -> i
         PreTrainedTokenizerFast,
     )
 
+    if SIZES[size].get("vocab_size", 0) > VOCAB_SIZE:
+        cover_vocabulary(out, SIZES[size]["vocab_size"])
     tok = PreTrainedTokenizerFast.from_pretrained(str(out))
     dims = {"vocab_size": len(tok), "head_dim": 64, **SIZES[size]}
     config = LlamaConfig(
