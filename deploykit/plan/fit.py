@@ -1,7 +1,7 @@
 """Memory fit and candidate profiles (method x tensor-parallel size x KV-cache dtype), best first.
 
 The memory model (docs/facts.md, "VRAM estimate"; vLLM 0.33):
-- weights: bf16 16 bits a parameter, fp8 8, awq/gptq (group 128) ~4.16, bitsandbytes nf4 ~4.13; only
+- weights: bf16 16 bits a parameter, fp8 8, awq/gptq (group 128) ~4.16, bitsandbytes nf4 4.5; only
   the linear layers are quantized, embeddings / lm_head / norms stay bf16. A pre-quantized checkpoint
   weighs what its safetensors hold. Split evenly over the tensor-parallel GPUs.
 - KV cache per token per GPU: 2 x layers x ceil(kv_heads / TP) x head_dim x bytes (2 for bf16/fp16,

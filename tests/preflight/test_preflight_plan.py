@@ -66,9 +66,10 @@ def test_quantized_weights_keep_embeddings_in_bf16(make_model: MakeModel) -> Non
     embeddings = 2 * 128256 * 4096 * 2  # embed_tokens + lm_head, bf16
     assert fp8 == pytest.approx((bf16 - embeddings) / 2 + embeddings, rel=0.01)
     # Real Llama-3-8B has a 128k vocabulary, so its bf16 embeddings are a larger share than in the
-    # Llama-3-8B-shaped model of docs/facts.md, "Measured throughput" (fp8/bf16 = 0.52 there): FP8 ~8.5 GiB, NF4 ~5.3 GiB.
+    # Llama-3-8B-shaped model of docs/facts.md, "Measured throughput" (fp8/bf16 = 0.52 there): FP8 ~8.5 GiB,
+    # NF4 ~5.6 GiB (vLLM 0.24 logged 8.5 and 5.62 GiB for this shape on an H200: estimator_h200.json).
     assert fp8 / GIB == pytest.approx(8.46, abs=0.05)
-    assert nf4 / GIB == pytest.approx(5.31, abs=0.05)
+    assert nf4 / GIB == pytest.approx(5.61, abs=0.05)
 
 
 def test_awq_checkpoint_estimate_matches_its_size_on_the_hub(make_model: MakeModel) -> None:
