@@ -3,9 +3,11 @@
 - ``limits``: which project settings would shape a benchmark's load, and the bench project's config;
 - ``results``: what a run measured, its summary figures and the JSON of ``results.json`` (pure);
 - ``report`` and ``plot``: ``results.md`` (pure) and ``results.png`` (matplotlib);
-- ``helper``: what runs inside the helper container on the stack's engine network (the direct
-  path and compare's engine calls; imports only the load generator);
-- ``enginenet``: starting that helper container, from the stack's own bridge image;
+- ``helper``: what runs inside the helper container on the stack's engine network, or the helper
+  process beside a ``deploykit serve`` instance (the direct path and compare's engine calls;
+  imports only the load generator);
+- ``engine``: reaching a stack's engine (and its log) whatever runs it; ``enginenet``: starting
+  the helper container, from the stack's own bridge image;
 - ``enginelog`` and ``gpumemory``: weight and KV cache memory from the engine's log, peak GPU
   memory from NVML (pure parsers, thin readers);
 - ``runner``: one stack's benchmark (MQTT, then the same load direct, per concurrency);

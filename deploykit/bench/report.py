@@ -103,8 +103,12 @@ def markdown(r: BenchResult, title: str | None = None) -> str:
             f"- Stack {describe_stack(r)}; {r.limits}.",
             f"- Requests: {describe_requests(r.settings)}.",
             "- MQTT: through the broker's published port with the project's account; direct: the "
-            "same requests over HTTP to the engine from a helper container on the stack's engine "
-            "network.",
+            "same requests over HTTP to the engine "
+            + (
+                "from a helper process on the serve instance's host (its loopback port)."
+                if r.stack.get("kind") == "serve"
+                else "from a helper container on the stack's engine network."
+            ),
         ],
         runs_table(r.runs) + error_lines(r.runs),
     ]

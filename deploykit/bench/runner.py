@@ -250,6 +250,7 @@ def run(
     result = BenchResult(
         stack={
             "name": record.name,
+            "kind": "serve" if record.serve is not None else "compose",
             "quant": record.quant,
             "gpu_class": record.gpu_class,
             "model": record.served_model_name,

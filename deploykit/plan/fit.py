@@ -47,8 +47,8 @@ TP_SIZES = (1, 2, 4, 8)
 #: Below this many tokens a profile is "does not fit", not "low memory".
 MIN_USEFUL_LEN = 256
 #: Method preference per GPU class, best first (docs/facts.md, "Measured throughput": FP8 is
-#: 1.3-1.6x faster than bf16 on H100 at every batch; 4-bit gains only at small batches; bitsandbytes
-#: is slower than bf16).
+#: 1.2-1.6x faster than bf16 at every batch on H100 and H200; 4-bit gains only at small batches;
+#: bitsandbytes is slower than bf16).
 PREFERENCE: dict[GpuClass, tuple[Quant, ...]] = {
     GpuClass.CUDA_FP8: (Quant.FP8, Quant.NONE, Quant.AWQ, Quant.GPTQ, Quant.BITSANDBYTES),
     GpuClass.CUDA: (Quant.NONE, Quant.AWQ, Quant.GPTQ, Quant.FP8, Quant.BITSANDBYTES),

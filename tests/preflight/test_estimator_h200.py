@@ -20,14 +20,14 @@ import pytest
 from deploykit.devices import GIB, GpuInventory
 from deploykit.matrix import Quant
 from deploykit.plan.fit import evaluate
-from deploykit.plan.model import read_model
+from deploykit.plan.model import ModelInfo, read_model
 
 DATA = json.loads((Path(__file__).parents[1] / "data" / "estimator_h200.json").read_text())
 WEIGHTS_TOLERANCE = 0.05
 KV_TOKENS_TOLERANCE = 0.10
 
 
-def model_for(tmp_path: Path, checkpoint: str):  # noqa: ANN201 (ModelInfo)
+def model_for(tmp_path: Path, checkpoint: str) -> ModelInfo:
     """The recorded model's config as plan reads a folder (the safetensors' size as recorded)."""
     spec = DATA["checkpoints"][checkpoint]
     config = dict(DATA["config"])
@@ -58,8 +58,10 @@ def test_the_estimate_is_within_the_targets_of_what_vllm_logged(
     )
     vllm = recorded["vllm"]
     weights_gib = profile.weights_gib
-    kv_tokens = profile.kv_budget_gib_per_gpu * GIB / model.kv_bytes_per_token(
-        1, recorded["kv_cache_dtype"]
+    kv_tokens = (
+        profile.kv_budget_gib_per_gpu
+        * GIB
+        / model.kv_bytes_per_token(1, recorded["kv_cache_dtype"])
     )
     weights_off = weights_gib / vllm["weights_gib"] - 1
     tokens_off = kv_tokens / vllm["kv_cache_tokens"] - 1

@@ -56,6 +56,10 @@ def test_bench_methods_through_serve_instances(tiny_model: Path, tmp_path: Path)
     assert VLLM_PYTHON in result["stack"]["engine_image"]
     assert result["stack"]["vllm"] and result["stack"]["quant"] == "none"
     assert result["engine_memory"]["device"] == "CPU" and result["engine_memory"]["kv_cache_tokens"]
+    assert (
+        "from a helper process on the serve instance's host"
+        in (out / "none" / "results.md").read_text()
+    )
     # serve's output and its processes' logs stay with the figures
     assert "serving 'sbench-none'" in (out / "none-serve.log").read_text()
     assert "KV cache" in (out / "none-logs" / "engine.log").read_text()
