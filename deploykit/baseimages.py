@@ -16,9 +16,12 @@ pullable, ``deploykit build`` builds the stand-in of its kind (``ImageSpec.base_
   ``vllm serve``, the NVIDIA runtime's variables). A stand-in, labelled as one: its CUDA libraries
   come from the PyPI wheels (torch's ``nvidia-*`` dependencies), not from NVIDIA's CUDA base image,
   and its Python is Debian's 3.11 where the official image has 3.12
-  (docs/facts.md, "Where nothing can be pulled").
+  (docs/facts.md, "Where nothing can be pulled");
+- ``deploykit/base-redis:bookworm``: the Python base plus Debian's ``redis-server`` (as the
+  mosquitto base), for the session state that replicas share.
 
-``deploykit base-images`` builds the first two on purpose, ``--vllm`` the third. Needs root
+``deploykit base-images`` builds the python, mosquitto and redis bases on purpose, ``--vllm`` the
+vLLM one. Needs root
 (debootstrap) and a Debian mirror.
 """
 
@@ -37,7 +40,7 @@ from deploykit import wheelhouses
 from deploykit.docker import Docker
 from deploykit.errors import DeployKitError, DockerError, UsageError
 from deploykit.matrix import VLLM_IMAGE, VLLM_VERSION, BaseKind, WheelSet
-from deploykit.ports import MQTT_PORT
+from deploykit.ports import MQTT_PORT, REDIS_PORT
 
 ProgressFn = Callable[[str], None]
 
@@ -45,6 +48,7 @@ SUITE = "bookworm"
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 PYTHON_BASE = f"deploykit/base-python:{SUITE}"
 MOSQUITTO_BASE = f"deploykit/base-mosquitto:{SUITE}"
+REDIS_BASE = f"deploykit/base-redis:{SUITE}"
 PYTHON_PACKAGES = ("python3", "python3-venv", "ca-certificates")
 #: Debian packages the vLLM base adds (unpinned: the suite's own versions). pip: the engine
 #: Dockerfile's extras stage runs ``python3 -m pip`` (the official image has pip); python3-dev, gcc,
@@ -79,6 +83,7 @@ def vllm_base(version: str = VLLM_VERSION) -> str:
 LOCAL_BASE = {
     BaseKind.PYTHON: PYTHON_BASE,
     BaseKind.MOSQUITTO: MOSQUITTO_BASE,
+    BaseKind.REDIS: REDIS_BASE,
     BaseKind.VLLM: vllm_base(),
 }
 
@@ -114,6 +119,8 @@ def ensure(
         _build_python_base(docker, mirror, progress)
     elif kind is BaseKind.MOSQUITTO:
         _build_mosquitto_base(docker, progress)
+    elif kind is BaseKind.REDIS:
+        _build_redis_base(docker, progress)
     else:
         if wheelhouse is None:
             wheelhouse = wheelhouses.ensure(WheelSet.VLLM_CUDA, progress, vllm_version)
@@ -132,7 +139,7 @@ def ensure_all(
 ) -> list[BaseImageResult]:
     return [
         ensure(docker, kind, rebuild=rebuild, mirror=mirror, progress=progress)
-        for kind in (BaseKind.PYTHON, BaseKind.MOSQUITTO)
+        for kind in (BaseKind.PYTHON, BaseKind.MOSQUITTO, BaseKind.REDIS)
     ]
 
 
@@ -190,16 +197,19 @@ def _build_python_base(docker: Docker, mirror: str, progress: ProgressFn) -> Non
         docker.import_rootfs(tarball, PYTHON_BASE, [*_ENV_CHANGES, 'CMD ["python3"]'])
 
 
-def _build_mosquitto_base(docker: Docker, progress: ProgressFn) -> None:
-    progress(f"building {MOSQUITTO_BASE}: mosquitto from Debian on {PYTHON_BASE}")
-    script = (
+def _apt_script(packages: str) -> str:
+    return (
         "set -e; apt-get update -qq; "
-        "DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends mosquitto mosquitto-clients; "
+        f"DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends {packages}; "
         "apt-get clean; rm -rf /var/lib/apt/lists/*"
     )
+
+
+def _build_mosquitto_base(docker: Docker, progress: ProgressFn) -> None:
+    progress(f"building {MOSQUITTO_BASE}: mosquitto from Debian on {PYTHON_BASE}")
     docker.run_and_commit(
         PYTHON_BASE,
-        ["sh", "-c", script],
+        ["sh", "-c", _apt_script("mosquitto mosquitto-clients")],
         MOSQUITTO_BASE,
         [
             *_ENV_CHANGES,
@@ -312,3 +322,14 @@ def vllm_base_labels(official: str, got: dict[str, str]) -> dict[str, str]:
         "io.deploykit.cuda": got["cuda"],
         "io.deploykit.python": got["python"],
     }
+
+
+def _build_redis_base(docker: Docker, progress: ProgressFn) -> None:
+    progress(f"building {REDIS_BASE}: redis-server from Debian on {PYTHON_BASE}")
+    docker.run_and_commit(
+        PYTHON_BASE,
+        ["sh", "-c", _apt_script("redis-server")],
+        REDIS_BASE,
+        [*_ENV_CHANGES, f"EXPOSE {REDIS_PORT}", 'CMD ["redis-server"]'],
+        progress=progress,
+    )

@@ -31,6 +31,8 @@ VLLM_IMAGE_CU129_SUFFIX = "-cu129"
 #: Base image of the cpu engine, bridge and broker images where they can be pulled.
 PYTHON_BASE_IMAGE = "python:3.11-slim-bookworm"
 MOSQUITTO_BASE_IMAGE = "eclipse-mosquitto:2.0"
+#: Redis for the session state that replicas share (docs/facts.md, "Shared session state").
+REDIS_BASE_IMAGE = "redis:7.0-bookworm"
 #: bitsandbytes left vLLM core in 0.28 and lives in a plugin; installed with --no-deps because with
 #: its dependencies it downgraded vLLM in one report (docs/facts.md, "bitsandbytes").
 BNB_PACKAGES = ("vllm-bnb-plugin==0.0.3", "bitsandbytes==0.50.2")
@@ -39,11 +41,13 @@ BNB_PACKAGES = ("vllm-bnb-plugin==0.0.3", "bitsandbytes==0.50.2")
 class BaseKind(StrEnum):
     """The local stand-in that can replace an official base image where nothing can be pulled
     (``deploykit.baseimages`` builds it): Debian's python3 for ``PYTHON_BASE_IMAGE``, Debian's
-    mosquitto for ``MOSQUITTO_BASE_IMAGE``, and for the official vLLM image a Debian base with
-    vLLM ``VLLM_VERSION`` installed from PyPI's wheels (CUDA libraries from the wheels too)."""
+    mosquitto for ``MOSQUITTO_BASE_IMAGE``, Debian's redis-server for ``REDIS_BASE_IMAGE``, and for
+    the official vLLM image a Debian base with vLLM ``VLLM_VERSION`` installed from PyPI's wheels
+    (CUDA libraries from the wheels too)."""
 
     PYTHON = "python"
     MOSQUITTO = "mosquitto"
+    REDIS = "redis"
     VLLM = "vllm"
 
 

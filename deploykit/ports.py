@@ -12,3 +12,5 @@ BROKER_HEALTH_PORT = 1884
 ENGINE_PORT = 8000
 #: The bridge's ``/health`` and ``/metrics``.
 BRIDGE_HTTP_PORT = 9000
+#: Redis, the session state replicas share (on the stack's internal network only).
+REDIS_PORT = 6379

@@ -28,6 +28,7 @@ from deploykit.matrix import (
     CPU_DEMO_SERVED_NAME,
     MOSQUITTO_BASE_IMAGE,
     PYTHON_BASE_IMAGE,
+    REDIS_BASE_IMAGE,
     VLLM_CPU_VERSION,
     VLLM_IMAGE,
     VLLM_VERSION,
@@ -44,6 +45,7 @@ from deploykit.ports import (
     ENGINE_PORT,
     MQTT_PORT,
     MQTT_TLS_PORT,
+    REDIS_PORT,
 )
 from deploykit.secrets import BRIDGE_USERNAME
 
@@ -195,6 +197,11 @@ def _render(name: str, **context: object) -> str:
     return _environment().get_template(name).render(**context)
 
 
+def render_template(name: str, **context: object) -> str:
+    """One template of templates/ rendered with this context (for deploykit.k8s)."""
+    return _render(name, **context)
+
+
 def _template_files(folder: str) -> list[str]:
     root = template_root()
     return sorted(
@@ -247,6 +254,10 @@ def bridge_tag(version: str = __version__) -> str:
 
 def broker_tag(version: str = __version__) -> str:
     return f"deploykit/broker:{version}"
+
+
+def redis_tag(version: str = __version__) -> str:
+    return f"deploykit/redis:{version}"
 
 
 def engine_base(cell: Cell) -> tuple[str, BaseKind | None]:
@@ -409,6 +420,22 @@ def broker_config(layout: BrokerLayout, mqtt_port: int) -> dict[str, str]:
     return {name: _render(f"broker/{name}.j2", **context) for name in BROKER_CONFIG_FILES}
 
 
+def redis_image(version: str = __version__) -> ImageSpec:
+    """The Redis image: the session state replicas share (stacks of more than one replica)."""
+    base = (REDIS_BASE_IMAGE, BaseKind.REDIS)
+    context: dict[str, object] = {
+        "base_image": base[0],
+        "redis_port": REDIS_PORT,
+        "deploykit_version": __version__,
+        "labels": _labels(
+            "deploykit redis",
+            "Redis with a password and an append-only file: the session state of the bridge's replicas",
+            {"io.deploykit.component": "redis"},
+        ),
+    }
+    return _image("redis", "redis", redis_tag(version), base, _render_folder("redis", context))
+
+
 def stack_images(cells: Iterable[Cell], version: str = __version__) -> list[ImageSpec]:
     """The engine images of these cells, then the bridge and the broker."""
     return [
@@ -546,6 +573,7 @@ def render_all() -> Bundle:
         bundle.add(compose_name(cell), render_compose(cell))
     bundle.add_image(bridge_image())
     bundle.add_image(broker_image())
+    bundle.add_image(redis_image())
     bundle.files.sort(key=lambda f: str(f.path))
     return bundle
 

@@ -11,6 +11,7 @@ on a command line or baked into an image:
 - ``bridge_share_group``: the shared-subscription group of the bridge's replicas (secret: an account
   that knows it can subscribe to ``$share/<group>/...`` and take part of the requests);
 - ``engine_api_key``: the engine's OpenAI API key (``VLLM_API_KEY``), for the bridge and health;
+- ``redis_password``: the password of the Redis that replicas share their session state in;
 - ``hf_token``: a Hugging Face token for gated models (empty unless you put one there);
 - ``mqtt_tls_cert``, ``mqtt_tls_key``: copies of the certificate and key of the broker's TLS
   listener, when ``up`` was given them.
@@ -67,6 +68,10 @@ class SecretsFolder:
     @property
     def engine_api_key_file(self) -> Path:
         return self.path / "engine_api_key"
+
+    @property
+    def redis_password_file(self) -> Path:
+        return self.path / "redis_password"
 
     @property
     def tls_cert_file(self) -> Path:
@@ -172,6 +177,7 @@ def ensure_secrets(folder: Path, projects: Sequence[str]) -> SecretsFolder:
         _read_or_create(folder / "bridge_client_id", _new_id())
         _read_or_create(folder / "bridge_share_group", _new_id())
         _read_or_create(folder / "engine_api_key", _new_password())
+        _read_or_create(folder / "redis_password", _new_password())
         hf_token = folder / "hf_token"
         if not hf_token.is_file():
             _write_private(hf_token, "")  # empty: no token (gated models need one here)

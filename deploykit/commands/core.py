@@ -11,8 +11,11 @@ from rich.table import Table
 
 from deploykit.errors import CheckFailed, UsageError
 from deploykit.files import check_files, prune_stale, write_files
+from deploykit.k8s import K8sOptions, render_k8s
 from deploykit.matrix import GPU_CLASSES, METHODS, cells, resolve_target
+from deploykit.mqttclient import parse_broker_url
 from deploykit.render import StackOptions, render_all, render_cell
+from deploykit.secrets import ensure_secrets
 
 
 def matrix_table() -> Table:
@@ -66,6 +69,21 @@ def matrix_markdown() -> str:
     return "\n".join(lines) + "\n"
 
 
+def _render_k8s(quant: str, gpu_class: str, out: Path | None, options: K8sOptions) -> None:
+    """Write one cell's manifests into ``out`` and the secrets they read into ``out/secrets``."""
+    if out is None:
+        raise UsageError("--k8s needs --out", "e.g. deploykit render --k8s --out ./k8s")
+    if options.broker is not None:
+        parse_broker_url(options.broker)  # a bad URL is refused here, not in a crash-looping pod
+    bundle = render_k8s(resolve_target(quant, gpu_class), options)
+    written = write_files(bundle, out)
+    ensure_secrets(out / "secrets", options.projects)
+    typer.echo(
+        f"rendered {len(written)} Kubernetes files under {out}; secrets in {out / 'secrets'} "
+        "(owner-only: keep them out of version control); apply with kubectl apply -k " + str(out)
+    )
+
+
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the app."""
 
@@ -98,8 +116,45 @@ def register(app: typer.Typer) -> None:
             "--check",
             help="Write nothing; fail when images/ or compose/ differ from the templates.",
         ),
+        k8s: bool = typer.Option(
+            False,
+            "--k8s",
+            help="Kubernetes manifests and a kustomization into --out (default cell: none on cpu).",
+        ),
+        replicas: int = typer.Option(
+            1, "--replicas", help="--k8s: engine+bridge pairs (more than one: Redis too)."
+        ),
+        tp: int = typer.Option(1, "--tp", help="--k8s: GPUs per engine (tensor parallel)."),
+        projects: str = typer.Option("general", "--projects", help="--k8s: projects to serve."),
+        model: str | None = typer.Option(
+            None, "--model", help="--k8s: Hugging Face model id (default: the method's)."
+        ),
+        broker: str | None = typer.Option(
+            None,
+            "--broker",
+            help="--k8s: an external broker, mqtt[s]://HOST:PORT (default: one in the cluster).",
+        ),
+        registry: str = typer.Option(
+            "deploykit", "--registry", help="--k8s: image names are REGISTRY/engine:TAG, ..."
+        ),
     ) -> None:
-        """Render Dockerfiles and compose stacks: every supported cell, or one (--quant, --gpu-class)."""
+        """Render Dockerfiles and compose stacks: every supported cell, or one (--quant, --gpu-class);
+        or, with --k8s, Kubernetes manifests of one cell."""
+        if k8s:
+            _render_k8s(
+                quant or "none",
+                gpu_class or "cpu",
+                out,
+                K8sOptions(
+                    replicas=replicas,
+                    gpus_per_replica=tp,
+                    projects=tuple(p.strip() for p in projects.split(",") if p.strip()),
+                    model=model,
+                    broker=broker,
+                    registry=registry,
+                ),
+            )
+            return
         one = quant is not None or gpu_class is not None
         if one and (quant is None or gpu_class is None):
             raise UsageError(
