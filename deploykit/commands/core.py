@@ -14,7 +14,7 @@ from deploykit.files import check_files, prune_stale, write_files
 from deploykit.k8s import K8sOptions, render_k8s
 from deploykit.matrix import GPU_CLASSES, METHODS, cells, resolve_target
 from deploykit.mqttclient import parse_broker_url
-from deploykit.render import StackOptions, render_all, render_cell
+from deploykit.render import StackOptions, ci_images, render_all, render_cell
 from deploykit.secrets import ensure_secrets
 
 
@@ -91,9 +91,17 @@ def register(app: typer.Typer) -> None:
     def matrix_command(
         as_json: bool = typer.Option(False, "--json", help="Print a JSON list of cells."),
         markdown: bool = typer.Option(False, "--markdown", help="Print a Markdown table."),
+        images: bool = typer.Option(
+            False,
+            "--images",
+            help="Print the images to build as JSON: every supported cell's engine, the bridge, "
+            "the broker and Redis (CI's build matrix).",
+        ),
     ) -> None:
         """Show which quantization methods run on which GPU classes, and why."""
-        if as_json:
+        if images:
+            typer.echo(json.dumps(ci_images(), separators=(",", ":")))
+        elif as_json:
             typer.echo(json.dumps([c.to_json() for c in cells()], indent=2))
         elif markdown:
             typer.echo(matrix_markdown(), nl=False)
