@@ -34,8 +34,15 @@ class HostStack:
         return sum(1 for s in self.containers.values() if s == "running")
 
     @property
+    def expected(self) -> int:
+        """Containers the stack has when complete: broker, and an engine and a bridge per replica
+        (and Redis with several)."""
+        replicas = self.record.replicas if self.record is not None else 1
+        return len(SERVICES) + 2 * (replicas - 1) + (1 if replicas > 1 else 0)
+
+    @property
     def state(self) -> str:
-        return f"{self.running}/{len(SERVICES)} running"
+        return f"{self.running}/{max(self.expected, len(self.containers))} running"
 
     def to_json(self) -> dict[str, Any]:
         r = self.record

@@ -85,15 +85,16 @@ class AsyncMqtt:
     def start(self) -> None:
         self._task = self.loop.create_task(self._run(), name=f"{self.name}-connect")
 
-    async def stop(self, timeout_s: float = 3.0) -> None:
-        """Disconnect cleanly (a DISCONNECT packet: the will is not sent) and stop reconnecting."""
+    async def stop(self, timeout_s: float = 3.0, properties: Properties | None = None) -> None:
+        """Disconnect cleanly (a DISCONNECT packet: the will is not sent) and stop reconnecting;
+        ``properties`` go with the DISCONNECT (e.g. a SessionExpiryInterval of 0)."""
         self._stopping = True
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
         if self.connected:
-            self.client.disconnect()
+            self.client.disconnect(properties=properties)
             # let the DISCONNECT leave before the socket closes
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._lost.wait(), timeout_s)

@@ -109,9 +109,53 @@ class StackOptions:
     bridge_name: str = "bridge-1"
     #: Host port of the broker's TLS listener (None: no TLS listener).
     mqtt_tls_port: int | None = None
+    #: Engine+bridge pairs; ``gpu_ids`` is split evenly among them. More than one: the bridges
+    #: share the work through one MQTT share group and their sessions' state through Redis.
+    replicas: int = 1
 
     def __post_init__(self) -> None:
         names.check_project_names(self.projects)
+        if self.replicas < 1:
+            raise UsageError(f"--replicas {self.replicas}: at least one", "e.g. --replicas 2")
+
+    @property
+    def tensor_parallel_size(self) -> int:
+        """GPUs per engine."""
+        return max(1, len(self.gpu_ids) // self.replicas)
+
+
+@dataclass(frozen=True)
+class Replica:
+    """One engine+bridge pair of a stack: its compose services and its bridge's names."""
+
+    index: int  # 1..N
+    engine: str  # compose service
+    bridge: str  # compose service
+    bridge_name: str  # public: the bridge's status topic
+    #: Tells the bridge's MQTT sessions apart (DEPLOYKIT_REPLICA); None for the first, whose
+    #: sessions keep the names of a one-bridge stack's.
+    replica: str | None
+    gpu_ids: tuple[str, ...]
+
+
+def replicas_of(options: StackOptions) -> list[Replica]:
+    """The engine+bridge pairs of a stack. The first keeps a one-replica stack's service names
+    (``engine``, ``bridge``), so ``up --replicas 2`` on it adds ``engine-2`` and ``bridge-2``."""
+    tp = options.tensor_parallel_size
+    out = []
+    for i in range(1, options.replicas + 1):
+        first = i == 1
+        out.append(
+            Replica(
+                i,
+                "engine" if first else f"engine-{i}",
+                "bridge" if first else f"bridge-{i}",
+                options.bridge_name if first else f"bridge-{i}",
+                None if first else str(i),
+                options.gpu_ids[(i - 1) * tp : i * tp],
+            )
+        )
+    return out
 
 
 @dataclass(frozen=True)
@@ -509,7 +553,7 @@ def engine_args(
         str(port),
     ]
     if not cpu:
-        args += ["--tensor-parallel-size", str(len(options.gpu_ids))]
+        args += ["--tensor-parallel-size", str(options.tensor_parallel_size)]
     if options.max_model_len:
         args += ["--max-model-len", str(options.max_model_len)]
     if options.gpu_memory_utilization is not None and not cpu:
@@ -529,14 +573,26 @@ def bridge_environment(
     http_port: int,
     secret: Callable[[str], str],
     config: str | None,
+    replica: Replica | None = None,
+    redis: str | None = None,
 ) -> dict[str, str]:
     """How the bridge is configured (``DEPLOYKIT_*``, ``deploykit.bridge.config``): ``secret`` gives
-    the path of a secret file by its name in the secrets folder; ``config`` the bridge config's."""
+    the path of a secret file by its name in the secrets folder; ``config`` the bridge config's.
+    One of several replicas (``replica``) shares the work through the share group and its
+    sessions' state through ``redis``."""
     env = {
         "DEPLOYKIT_BROKER": broker,
         "DEPLOYKIT_ENGINE": engine,
         "DEPLOYKIT_PROJECTS": ",".join(options.projects),
-        "DEPLOYKIT_BRIDGE_NAME": options.bridge_name,
+        "DEPLOYKIT_BRIDGE_NAME": replica.bridge_name if replica else options.bridge_name,
+    }
+    if redis is not None:
+        if replica is not None and replica.replica:
+            env["DEPLOYKIT_REPLICA"] = replica.replica
+        env["DEPLOYKIT_SHARE_GROUP_FILE"] = secret("bridge_share_group")
+        env["DEPLOYKIT_REDIS"] = redis
+        env["DEPLOYKIT_REDIS_PASSWORD_FILE"] = secret("redis_password")
+    env |= {
         "DEPLOYKIT_HTTP_PORT": str(http_port),
         "DEPLOYKIT_MQTT_USERNAME_FILE": secret("mqtt_bridge_username"),
         "DEPLOYKIT_MQTT_PASSWORD_FILE": secret("mqtt_bridge_password"),
@@ -554,24 +610,40 @@ def render_compose(cell: Cell, options: StackOptions | None = None) -> str:
     if not cell.supported:
         raise UsageError(f"cell {cell.quant} x {cell.gpu_class} is not supported: {cell.reason}")
     cpu = cell.gpu_class is GpuClass.CPU
+    if not cpu and len(options.gpu_ids) % options.replicas:
+        raise UsageError(
+            f"{len(options.gpu_ids)} GPUs do not split into {options.replicas} replicas",
+            "give a multiple of --replicas GPUs with --gpus",
+        )
+    replicas = replicas_of(options)
+    shared = options.replicas > 1
     return _render(
         "compose/compose.yaml.j2",
         cell=cell,
         cpu=cpu,
         options=options,
+        replicas=replicas,
+        shared=shared,
+        redis_image=redis_tag(options.image_version),
+        redis_port=REDIS_PORT,
         engine_image=image_tag(cell, options.image_version),
         bridge_image=bridge_tag(options.image_version),
         broker_image=broker_tag(options.image_version),
         engine_command=engine_args(cell, options),
         engine_environment={**ENGINE_ENVIRONMENT, **(CPU_ENGINE_ENVIRONMENT if cpu else {})},
-        bridge_environment=bridge_environment(
-            options,
-            broker=f"mqtt://broker:{MQTT_PORT}",
-            engine=f"http://engine:{ENGINE_PORT}",
-            http_port=BRIDGE_HTTP_PORT,
-            secret=lambda name: f"/run/secrets/{name}",
-            config=BRIDGE_CONFIG_PATH if options.bridge_config else None,
-        ),
+        bridge_environments={
+            r.bridge: bridge_environment(
+                options,
+                broker=f"mqtt://broker:{MQTT_PORT}",
+                engine=f"http://{r.engine}:{ENGINE_PORT}",
+                http_port=BRIDGE_HTTP_PORT,
+                secret=lambda name: f"/run/secrets/{name}",
+                config=BRIDGE_CONFIG_PATH if options.bridge_config else None,
+                replica=r,
+                redis=f"redis://redis:{REDIS_PORT}/0" if shared else None,
+            )
+            for r in replicas
+        },
         gpu_ids=list(options.gpu_ids),
         bridge_config_path=BRIDGE_CONFIG_PATH,
         engine_port=ENGINE_PORT,

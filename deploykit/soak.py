@@ -40,6 +40,7 @@ import orjson
 import paho.mqtt.client as mqtt
 
 from deploykit import names
+from deploykit.bridge.protocol import RETRYABLE as _RETRYABLE_CODES
 from deploykit.docker import Docker
 from deploykit.errors import CheckFailed, UsageError
 from deploykit.mqttclient import BrokerAddress, Credentials, connect_properties, make_client
@@ -50,9 +51,7 @@ log = logging.getLogger(__name__)
 
 FAULTS = ("bridge-kill", "broker-restart", "engine-kill", "network-cut", "engine-hang")
 #: Errors a client retries (deploykit/bridge/README.md, the error table).
-RETRYABLE = frozenset(
-    {"rate_limited", "overloaded", "engine_unavailable", "timeout", "internal_error"}
-)
+RETRYABLE = frozenset(code.value for code in _RETRYABLE_CODES)
 
 
 # ------------------------------------------------------------------------------------ the ledger

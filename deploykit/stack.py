@@ -199,6 +199,10 @@ class UpRequest:
     mqtt_tls_port: int = MQTT_TLS_PORT
     #: Go ahead although the pre-flight gate refuses (its refusals become warnings): ``--force``.
     force: bool = False
+    #: Engine+bridge pairs (``--replicas``) and GPUs per engine (``--tp``): ``--gpus 0,1,2,3
+    #: --tp 2`` is two replicas of two GPUs. None: from the other (one replica of every GPU).
+    replicas: int | None = None
+    tp: int | None = None
 
 
 def plan_up(
@@ -223,6 +227,9 @@ def plan_up(
         driver = driver if driver is not None else (host.driver if host is not None else None)
     cls, pinned = _image_class(request, inventory)
     cell = matrix.resolve_target(q, cls)  # the image; the GPUs themselves are the gate's
+    replicas, tp = split_gpus(
+        len(pinned.device_ids) if pinned is not None else 0, request.replicas, request.tp
+    )
     model = request.model
     local_model = (
         Path(model).expanduser().resolve() if model and Path(model).expanduser().is_dir() else None
@@ -240,7 +247,7 @@ def plan_up(
         max_model_len=request.max_model_len,
         kv_cache_dtype=request.kv_cache_dtype,
         gpu_memory_utilization=request.gpu_memory_utilization or DEFAULT_GPU_MEMORY_UTILIZATION,
-        tensor_parallel_size=len(pinned.device_ids) if pinned is not None else None,
+        tensor_parallel_size=tp if pinned is not None else None,
         force=request.force,
     )
     bridge_config = request.bridge_config
@@ -272,8 +279,42 @@ def plan_up(
         secrets_dir=str(secrets),
         image_version=request.image_version or render.StackOptions().image_version,
         mqtt_tls_port=request.mqtt_tls_port if tls else None,
+        replicas=replicas,
     )
     return StackPlan(name, cell, options, request.state_dir.resolve(), tls)
+
+
+def split_gpus(gpus: int, replicas: int | None, tp: int | None) -> tuple[int, int]:
+    """(replicas, GPUs per replica) from ``--replicas``/``--tp`` over ``gpus`` pinned GPUs (0: the
+    cpu class, where each replica is one CPU engine)."""
+    if replicas is not None and replicas < 1:
+        raise UsageError(f"--replicas {replicas}: at least one", "e.g. --replicas 2")
+    if tp is not None and tp < 1:
+        raise UsageError(f"--tp {tp}: at least one GPU per engine", "e.g. --tp 2")
+    if gpus == 0:
+        if tp not in (None, 1):
+            raise UsageError(f"--tp {tp} splits GPUs, and the cpu stack has none", "leave out --tp")
+        return replicas or 1, 1
+    if tp is not None:
+        if gpus % tp:
+            raise UsageError(
+                f"{gpus} GPUs do not split into engines of --tp {tp}",
+                f"pin a multiple of {tp} GPUs with --gpus, e.g. --gpus {','.join(map(str, range(2 * tp)))}",
+            )
+        if replicas is not None and replicas * tp != gpus:
+            raise UsageError(
+                f"--replicas {replicas} of --tp {tp} need {replicas * tp} GPUs; --gpus pins {gpus}",
+                "leave out one of --replicas and --tp: the other follows from --gpus",
+            )
+        return gpus // tp, tp
+    if replicas is not None:
+        if gpus % replicas:
+            raise UsageError(
+                f"{gpus} GPUs do not split into {replicas} replicas",
+                f"pin a multiple of {replicas} GPUs with --gpus",
+            )
+        return replicas, gpus // replicas
+    return 1, gpus
 
 
 def _tls_files(request: UpRequest) -> tuple[Path, Path] | None:
@@ -425,6 +466,17 @@ class StackRecord:
     #: Local processes of ``deploykit serve`` instead of containers (None: a compose stack).
     serve: ServeState | None = None
     bridge_config: Path | None = None  # the host file given to ``up --bridge-config``
+    replicas: int = 1  # engine+bridge pairs
+
+    def replica_pairs(self) -> list[render.Replica]:
+        """The stack's engine+bridge pairs (their compose services and bridge names)."""
+        return render.replicas_of(
+            render.StackOptions(
+                gpu_ids=self.gpu_ids or ("0",) * self.replicas,
+                replicas=self.replicas,
+                bridge_name=self.bridge_name,
+            )
+        )
 
     @property
     def compose_file(self) -> Path:
@@ -477,6 +529,7 @@ def load_record(folder: Path) -> StackRecord:
         gpu_ids=() if data["gpu_class"] == "cpu" else tuple(opts.get("gpu_ids", ())),
         serve=ServeState.from_json(data["serve"]) if data.get("serve") else None,
         bridge_config=Path(opts["bridge_config"]) if opts.get("bridge_config") else None,
+        replicas=int(opts.get("replicas", 1)),
     )
 
 

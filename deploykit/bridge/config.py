@@ -38,6 +38,10 @@ YAML config (every key optional; the values shown are the defaults)::
                                    # auto paces events to stream_interval_s (at least 4), or a number
       engine_keepalive_s: 4        # below the engine's own keep-alive (uvicorn: 5 s)
       engine_retries: 3            # attempts after a connection failure before any token
+      drain_timeout_s: 30          # replicas: how long a stopping bridge answers what it holds
+      shared_lease_s: 15           # replicas: a dead replica holds a session up this long at most
+      order_window_s: 0.05         # replicas: a request waits this long after its receipt before
+                                   # it starts, for a session's earlier request at another replica
 """
 
 from __future__ import annotations
@@ -101,6 +105,9 @@ class BridgeTuning(BaseModel):
     engine_stream_tokens: int | Literal["auto"] = "auto"
     engine_keepalive_s: float = Field(4.0, gt=0)
     engine_retries: int = Field(3, ge=0, le=10)
+    drain_timeout_s: float = Field(30.0, ge=0)
+    shared_lease_s: float = Field(15.0, ge=1)
+    order_window_s: float = Field(0.05, ge=0, le=5)
 
     @field_validator("engine_stream_tokens", mode="before")
     @classmethod
@@ -138,6 +145,9 @@ class Settings(BaseModel):
     ``share_group`` (also secret) makes the subscriptions shared (``$share/<group>/...``) for
     several replicas; without it each project is a plain subscription, which the broker keeps
     across its own restarts (Mosquitto 2.0 restores shared ones only when the member reconnects).
+    ``replica`` (public) tells the MQTT sessions of replicas apart: ``<client_id>-<replica>-<project>``
+    (none: ``<client_id>-<project>``). ``redis`` (``redis://HOST:PORT/DB``, password from a file)
+    holds the session state replicas share (deploykit.bridge.shared); none: in memory.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -150,6 +160,9 @@ class Settings(BaseModel):
     client_id_file: Path | None = None
     name: str = "bridge-1"
     share_group_file: Path | None = None
+    replica: str | None = None
+    redis: str | None = None
+    redis_password_file: Path | None = None
     http_port: int | None = Field(None, ge=0, le=65535)
     http_host: str = "0.0.0.0"
     mqtt_username_file: Path | None = None
@@ -170,9 +183,11 @@ class Settings(BaseModel):
             raise ValueError("project names repeat")
         return value
 
-    @field_validator("client_id", "name")
+    @field_validator("client_id", "name", "replica")
     @classmethod
-    def _id_valid(cls, value: str) -> str:
+    def _id_valid(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
         problem = names.client_string_problem(value, "the id", max_length=128)
         if not value or problem or any(c in value for c in "/+#$"):
             raise ValueError("must be 1-128 characters without '/', '+', '#', '$' or controls")
@@ -192,6 +207,9 @@ _ENV_FIELDS = {
     "CLIENT_ID_FILE": "client_id_file",
     "BRIDGE_NAME": "name",
     "SHARE_GROUP_FILE": "share_group_file",
+    "REPLICA": "replica",
+    "REDIS": "redis",
+    "REDIS_PASSWORD_FILE": "redis_password_file",
     "ENGINE_API_KEY_FILE": "engine_api_key_file",
     "HTTP_PORT": "http_port",
     "HTTP_HOST": "http_host",

@@ -50,6 +50,7 @@ class ErrorCode(StrEnum):
     NO_ANSWER = "no_answer"  # the model reasoned but gave no answer (maxTokens ran out)
     ENGINE_UNAVAILABLE = "engine_unavailable"
     ENGINE_ERROR = "engine_error"
+    STATE_UNAVAILABLE = "state_unavailable"  # replicas: the shared session state did not answer
     TIMEOUT = "timeout"
     INTERNAL_ERROR = "internal_error"
 
@@ -61,6 +62,7 @@ RETRYABLE = frozenset(
         ErrorCode.RATE_LIMITED,
         ErrorCode.OVERLOADED,
         ErrorCode.ENGINE_UNAVAILABLE,
+        ErrorCode.STATE_UNAVAILABLE,
         ErrorCode.TIMEOUT,
         ErrorCode.INTERNAL_ERROR,
     }

@@ -49,7 +49,10 @@ def read_secrets(settings: Settings) -> Secrets:
     api_key = None
     if settings.engine_api_key_file is not None:
         api_key = read_secret(settings.engine_api_key_file, "engine API key") or None
-    return Secrets(client_id, share_group, api_key)
+    redis_password = None
+    if settings.redis_password_file is not None:
+        redis_password = read_secret(settings.redis_password_file, "Redis password") or None
+    return Secrets(client_id, share_group, api_key, redis_password)
 
 
 def run_bridge(settings: Settings) -> None:

@@ -47,7 +47,8 @@ from deploykit.bridge.protocol import (
 )
 from deploykit.bridge.replies import Inbound, Replies
 from deploykit.bridge.scheduler import FairScheduler, SessionKey
-from deploykit.bridge.sessions import SessionStore, Turn
+from deploykit.bridge.sessions import Session, SessionStore, Turn
+from deploykit.bridge.shared import SharedState, StateUnavailable
 from deploykit.bridge.transport import ProjectSession, StatusSession
 from deploykit.mqttclient import Credentials, parse_broker_url
 from deploykit.mqttloop import publish_properties
@@ -64,6 +65,7 @@ class Secrets:
     client_id: str
     share_group: str | None = None
     engine_api_key: str | None = None
+    redis_password: str | None = None
 
 
 def fingerprint(request: ChatRequest) -> bytes:
@@ -130,6 +132,19 @@ class Bridge:
         self.replies = Replies(self.metrics)
         self.prompts = PromptBuilder(self.engine)
         self.engine_ok = False
+        #: Replicas: the session state they share (None: one bridge, all of it in memory).
+        self.shared: SharedState | None = None
+        if settings.redis is not None:
+            self.shared = SharedState(
+                settings.redis,
+                self.secrets.redis_password,
+                owner=settings.name,
+                session_idle_s=self.tuning.session_idle_s,
+                dedupe_ttl_s=self.tuning.dedupe_ttl_s,
+                lease_s=self.tuning.shared_lease_s,
+                order_window_s=self.tuning.order_window_s,
+            )
+        self.draining = False
         self.mqtt: dict[str, ProjectSession] = {}
         self.status: StatusSession | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -146,7 +161,11 @@ class Bridge:
         try:
             if not await self._wait_for_engine(stop):
                 return
+            if self.shared is not None and not await self._wait_for_shared_state(stop):
+                return
             client_id = self.secrets.client_id
+            if self.settings.replica:
+                client_id = f"{client_id}-{self.settings.replica}"
             for project, cfg in self.projects.items():
                 self.mqtt[project] = ProjectSession(
                     loop,
@@ -172,11 +191,17 @@ class Bridge:
                 session.start()
             self.status.start()
             log.info(
-                "serving %s as %s (%s subscriptions)",
+                "serving %s as %s (%s subscriptions, session state %s)",
                 ", ".join(self.projects),
                 self.settings.name,
                 "shared" if self.secrets.share_group else "plain",
+                "shared in Redis" if self.shared is not None else "in memory",
             )
+            if self.secrets.share_group and self.shared is None:
+                log.warning(
+                    "a share group without shared session state: with more than one replica, "
+                    "history, order and de-duplication hold per replica only"
+                )
             self._spawn(self._housekeeping(stop))
             self.ready.set()
             await stop.wait()
@@ -214,7 +239,55 @@ class Bridge:
             delay = min(delay * 2, 15.0)
         return False
 
+    async def _wait_for_shared_state(self, stop: asyncio.Event) -> bool:
+        assert self.shared is not None
+        delay = 1.0
+        while not stop.is_set():
+            try:
+                await self.shared.start()
+                log.info("session state shared in Redis at %s", self.settings.redis)
+                return True
+            except StateUnavailable as err:
+                log.warning("waiting for Redis at %s: %s", self.settings.redis, err)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay)
+            delay = min(delay * 2, 15.0)
+        return False
+
+    async def _drain(self) -> None:
+        """A replica that stops: take no new work (unsubscribe), answer what it holds and what the
+        broker had queued for it, then end its MQTT sessions, so no session of it stays in the
+        share group receiving requests. What is still held at ``drain_timeout_s`` stays in its
+        session, for the broker to deliver when it comes back."""
+        self.draining = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.tuning.drain_timeout_s
+        for session in self.mqtt.values():
+            session.leave_share_group()
+        # done when nothing was held for a second: the broker sends what it queued for a session
+        # as soon as the window allows, so a quiet second means its queue is empty too
+        quiet_since = loop.time()
+        while loop.time() < deadline:
+            if self.metrics.in_flight:
+                quiet_since = loop.time()
+            elif loop.time() - quiet_since >= 1.0:
+                break
+            await asyncio.sleep(0.1)
+        held = self.metrics.in_flight
+        if held:
+            log.warning(
+                "drain: %d requests still held after %.0f s stay in the MQTT sessions",
+                held,
+                self.tuning.drain_timeout_s,
+            )
+        else:
+            log.info("drained: every request answered; ending the MQTT sessions")
+        for session in self.mqtt.values():
+            await session.stop(end_session=held == 0)
+
     async def _shutdown(self) -> None:
+        if self.secrets.share_group and self.mqtt:
+            await self._drain()
         for session in self.mqtt.values():
             await session.stop()
         if self.status is not None:
@@ -226,6 +299,8 @@ class Bridge:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         await self.engine.aclose()
+        if self.shared is not None:
+            await self.shared.aclose()
         await self.http.stop()
         log.info("bridge stopped")
 
@@ -244,18 +319,23 @@ class Bridge:
             if expired:
                 log.info("expired %d idle sessions", expired)
             self.engine_ok = await self.engine.health()
+            if self.shared is not None:
+                self.shared_ok = await self.shared.ping()
 
     # ---------------------------------------------------------------- health / metrics
     @property
     def mqtt_connected(self) -> bool:
         return bool(self.mqtt) and all(s.connected for s in self.mqtt.values())
 
+    shared_ok = True  # no shared state, or Redis answered its last ping
+
     def health(self) -> tuple[bool, dict[str, object]]:
-        ok = self.mqtt_connected and self.engine_ok
+        ok = self.mqtt_connected and self.engine_ok and self.shared_ok and not self.draining
         model = self.engine.model
         return ok, {
-            "status": "ok" if ok else "unhealthy",
+            "status": "ok" if ok else ("draining" if self.draining else "unhealthy"),
             "mqtt_connected": self.mqtt_connected,
+            "shared_state": None if self.shared is None else self.shared_ok,
             "projects": {p: {"connected": s.connected} for p, s in self.mqtt.items()},
             "engine_ok": self.engine_ok,
             "model": model.name if model else None,
@@ -316,6 +396,9 @@ class Bridge:
                 request.sessionId,
                 names.printable(request.message),
             )
+        if self.shared is not None:
+            self._spawn(self._accept_shared(inbound, parsed, self.shared))
+            return
         dedupe_key: DedupeKey | None = (
             (inbound.project, request.sessionId, routing.request_id) if routing.request_id else None
         )
@@ -342,14 +425,145 @@ class Bridge:
             self.replies.reject(inbound, routing, *problem)
             return
         if request.probe:
-            self._spawn(self._run_probe(inbound, parsed, dedupe_key))
+            self._spawn(self._probe_local(inbound, parsed, dedupe_key))
             return
         key: SessionKey = (inbound.project, request.sessionId)
 
         async def job(waited: float) -> None:
-            await self._chat(inbound, parsed, key, dedupe_key, waited)
+            stored = None
+            try:
+                stored = await self._chat(inbound, parsed, self.sessions.get(key), waited)
+            finally:
+                if dedupe_key is not None:
+                    self.dedupe.finish(dedupe_key, stored)
 
         self.scheduler.submit(key, job)
+
+    async def _probe_local(
+        self, inbound: Inbound, parsed: Accepted, dedupe_key: DedupeKey | None
+    ) -> None:
+        stored = None
+        try:
+            stored = await self._run_probe(inbound, parsed)
+        finally:
+            if dedupe_key is not None:
+                self.dedupe.finish(dedupe_key, stored)
+
+    # ---------------------------------------------------------------- replicas
+    async def _accept_shared(self, inbound: Inbound, parsed: Accepted, shared: SharedState) -> None:
+        """A request with the session state in Redis (deploykit.bridge.shared): de-duplication
+        across replicas, then the session's turn (its earlier requests answered, on any replica),
+        then an engine slot here; the history is read when the turn comes and written as it ends."""
+        request, routing = parsed.request, parsed.routing
+        dedupe_key: DedupeKey | None = (
+            (inbound.project, request.sessionId, routing.request_id) if routing.request_id else None
+        )
+        print_ = fingerprint(request) if dedupe_key is not None else b""
+        claimed = False
+        try:
+            while dedupe_key is not None and not claimed:
+                known = await shared.begin(dedupe_key, print_)
+                if known is None:
+                    claimed = True
+                    break
+                if known.fingerprint != print_:
+                    self.replies.reject(
+                        inbound,
+                        routing,
+                        ErrorCode.CONFLICT,
+                        f"requestId {routing.request_id} was already used in this session for "
+                        "another request; use a new requestId for a new request",
+                    )
+                    return
+                self.metrics.duplicates += 1
+                stored = known.reply or await shared.wait_answered(
+                    dedupe_key, self.tuning.request_timeout_s
+                )
+                if stored is not None:
+                    log.info("repeat of request %s answered from Redis", routing.request_id)
+                    self.replies.repeat(inbound, routing, stored)
+                    return
+                # the other attempt was not answered (failed, or its replica died): answer it here
+            problem = self._check_limits(inbound.project, request, self.projects[inbound.project])
+            if problem is not None:
+                self.replies.reject(inbound, routing, *problem)
+                return
+            if request.probe:
+                stored = await self._run_probe(inbound, parsed)  # answered: no other reply
+                if dedupe_key is not None:
+                    claimed = False
+                    with contextlib.suppress(StateUnavailable):
+                        await shared.finish(dedupe_key, print_, stored)
+                return
+            key: SessionKey = (inbound.project, request.sessionId)
+            received = time.time() - (
+                time.monotonic() - inbound.received
+            )  # comparable across replicas
+            place = await shared.enqueue(key, received)
+            if not await shared.wait_turn(key, place, received, self.tuning.queue_timeout_s):
+                await shared.end_turn(key, place, None)
+                raise RequestFailed(
+                    ErrorCode.OVERLOADED,
+                    f"waited {self.tuning.queue_timeout_s:g} s for this session's earlier "
+                    "requests; retry later",
+                )
+            claimed = False  # the job finishes the de-duplication entry from here on
+            self.scheduler.submit(
+                key, lambda waited: self._chat_shared(inbound, parsed, key, place, waited, shared)
+            )
+        except RequestFailed as err:
+            self.replies.reject(inbound, routing, err.code, err.message)
+        except StateUnavailable as err:
+            self.replies.reject(
+                inbound,
+                routing,
+                ErrorCode.STATE_UNAVAILABLE,
+                f"the session state shared by the replicas is not reachable ({err}); retry later",
+            )
+        except Exception as err:
+            log.exception("request failed")
+            self.replies.drop(inbound, ErrorCode.INTERNAL_ERROR.value, f"internal error: {err!r}")
+        finally:
+            if claimed and dedupe_key is not None:
+                with contextlib.suppress(StateUnavailable):
+                    await shared.finish(dedupe_key, print_, None)
+
+    async def _chat_shared(
+        self,
+        inbound: Inbound,
+        parsed: Accepted,
+        key: SessionKey,
+        place: str,
+        waited: float,
+        shared: SharedState,
+    ) -> None:
+        """One request holding the session's turn and an engine slot."""
+        request, routing = parsed.request, parsed.routing
+        stored: StoredReply | None = None
+        history: list[Turn] | None = None
+        try:
+            try:
+                before = await shared.load_history(key)
+            except StateUnavailable as err:
+                self.replies.reject(
+                    inbound,
+                    routing,
+                    ErrorCode.STATE_UNAVAILABLE,
+                    f"the session state shared by the replicas is not reachable ({err}); retry later",
+                )
+                return
+            session = Session(key, before)
+            stored = await self._chat(inbound, parsed, session, waited)
+            if session.history is not before:
+                history = session.history
+        finally:
+            try:
+                await shared.end_turn(key, place, history)
+                if routing.request_id:
+                    dedupe_key = (inbound.project, request.sessionId, routing.request_id)
+                    await shared.finish(dedupe_key, fingerprint(request), stored)
+            except StateUnavailable as err:
+                log.warning("could not record request %s in Redis: %s", routing.request_id, err)
 
     def _check_limits(
         self, project: str, request: ChatRequest, cfg: ProjectConfig
@@ -392,14 +606,10 @@ class Bridge:
 
     # ---------------------------------------------------------------- generation
     async def _chat(
-        self,
-        inbound: Inbound,
-        parsed: Accepted,
-        key: SessionKey,
-        dedupe_key: DedupeKey | None,
-        waited: float,
-    ) -> None:
-        """One request of a session, holding one engine slot until its reply is published."""
+        self, inbound: Inbound, parsed: Accepted, session: Session, waited: float
+    ) -> StoredReply | None:
+        """One request of a session, holding one engine slot until its reply is published; its
+        answer joins ``session.history`` (a new list). Returns the reply to store for repeats."""
         request, routing = parsed.request, parsed.routing
         cfg = self.projects[inbound.project]
         stored: StoredReply | None = None
@@ -410,7 +620,6 @@ class Bridge:
                     f"waited {waited:.0f} s for the engine (limit {self.tuning.queue_timeout_s:g} "
                     "s); retry later",
                 )
-            session = self.sessions.get(key)
             assert self.engine.model is not None
             prompt = await self.prompts.build(
                 session.history, request, cfg, self.engine.model.max_model_len
@@ -458,9 +667,7 @@ class Bridge:
             self.replies.reject(
                 inbound, routing, ErrorCode.INTERNAL_ERROR, f"internal error: {err!r}"
             )
-        finally:
-            if dedupe_key is not None:
-                self.dedupe.finish(dedupe_key, stored)
+        return stored
 
     def _engine_error(self, err: EngineError) -> tuple[ErrorCode, str]:
         if err.overloaded:
@@ -518,9 +725,7 @@ class Bridge:
             self.pacer.observe(final.completion_tokens - 1, time.monotonic() - first)
         return final
 
-    async def _run_probe(
-        self, inbound: Inbound, parsed: Accepted, dedupe_key: DedupeKey | None
-    ) -> None:
+    async def _run_probe(self, inbound: Inbound, parsed: Accepted) -> StoredReply | None:
         """A health probe: a 1-token completion, no history; always answered with the envelope."""
         routing = Routing(
             parsed.routing.reply_topic,
@@ -556,6 +761,4 @@ class Bridge:
             self.replies.reject(
                 inbound, routing, ErrorCode.INTERNAL_ERROR, f"internal error: {err!r}"
             )
-        finally:
-            if dedupe_key is not None:
-                self.dedupe.finish(dedupe_key, stored)
+        return stored

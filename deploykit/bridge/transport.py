@@ -23,6 +23,7 @@ import logging
 from collections.abc import Callable
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
@@ -64,6 +65,9 @@ class ProjectSession:
         self.client_id = client_id
         topic = names.request_topic(project)
         self.subscription = f"$share/{share_group}/{topic}" if share_group else topic
+        #: A session that served in the other mode (one bridge <-> replicas) keeps that mode's
+        #: subscription: dropped at connect, so the session holds one subscription only.
+        self._other = topic if share_group else None
         self._on_message = on_message
         self._inbound: dict[int, str] = {}
         self.redelivered = 0
@@ -97,8 +101,19 @@ class ProjectSession:
     def start(self) -> None:
         self.mqtt.start()
 
-    async def stop(self) -> None:
-        await self.mqtt.stop()
+    async def stop(self, *, end_session: bool = False) -> None:
+        """Disconnect; ``end_session`` also makes the broker drop the session (a replica that
+        drained: no session of it stays in the share group receiving requests)."""
+        properties = None
+        if end_session:
+            properties = Properties(PacketTypes.DISCONNECT)
+            properties.SessionExpiryInterval = 0
+        await self.mqtt.stop(properties=properties)
+
+    def leave_share_group(self) -> None:
+        """Take no new requests: unsubscribe (the broker still sends what it queued for us)."""
+        if self.mqtt.connected:
+            self.mqtt.client.unsubscribe(self.subscription)
 
     def _connected(self, session_present: bool) -> None:
         log.info(
@@ -115,6 +130,8 @@ class ProjectSession:
         # that published a request with the retain flag would otherwise replay it at every
         # reconnect of the bridge (MQTT 5 Retain Handling 2).
         options = SubscribeOptions(qos=1, retainHandling=SubscribeOptions.RETAIN_DO_NOT_SEND)
+        if session_present and self._other is not None:
+            self.mqtt.client.unsubscribe(self._other)
         self.mqtt.client.subscribe([(self.subscription, options)])
 
     def _received(self, msg: mqtt.MQTTMessage) -> None:

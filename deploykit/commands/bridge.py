@@ -38,6 +38,19 @@ def bridge(
         "--share-group-file",
         help="file holding the secret share group (replicas); none: plain subscriptions",
     ),
+    replica: str | None = typer.Option(
+        None,
+        "--replica",
+        help="public name that tells this replica's MQTT sessions apart [env DEPLOYKIT_REPLICA]",
+    ),
+    redis: str | None = typer.Option(
+        None,
+        "--redis",
+        help="redis://HOST:PORT/DB holding the session state replicas share [env DEPLOYKIT_REDIS]",
+    ),
+    redis_password_file: Path | None = typer.Option(
+        None, "--redis-password-file", help="file holding the Redis password"
+    ),
     engine_api_key_file: Path | None = typer.Option(
         None, "--engine-api-key-file", help="file holding the engine's API key"
     ),
@@ -66,6 +79,9 @@ def bridge(
             "client_id_file": client_id_file,
             "name": name,
             "share_group_file": share_group_file,
+            "replica": replica,
+            "redis": redis,
+            "redis_password_file": redis_password_file,
             "engine_api_key_file": engine_api_key_file,
             "http_port": http_port,
             "mqtt_username_file": mqtt_username_file,

@@ -95,8 +95,13 @@ def build_cells(
     rebuild: bool = False,
     image_version: str | None = None,
     bases: dict[str, baseimages.BaseImageResult] | None = None,
+    redis: bool = False,
 ) -> list[build.Built]:
-    images = render.stack_images(cells, *([image_version] if image_version else []))
+    """The images of these cells' stacks (and Redis, for stacks of several replicas)."""
+    version = [image_version] if image_version else []
+    images = render.stack_images(cells, *version)
+    if redis:
+        images.append(render.redis_image(*version))
     with Progress(_err) as progress:
         return build.build_images(
             docker,

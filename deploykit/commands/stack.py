@@ -198,6 +198,18 @@ def register(app: typer.Typer) -> None:
         mqtt_tls_port: int = typer.Option(
             MQTT_TLS_PORT, "--mqtt-tls-port", help="Host port of the TLS listener."
         ),
+        replicas: int | None = typer.Option(
+            None,
+            "--replicas",
+            help="Engine+bridge pairs, each on its own share of --gpus; more than one share "
+            "the work and the sessions' state (Redis). Default: one, or --gpus / --tp.",
+        ),
+        tp: int | None = typer.Option(
+            None,
+            "--tp",
+            help="GPUs per engine (tensor parallel): --gpus 0,1,2,3 --tp 2 is two replicas of "
+            "two GPUs. Default: --gpus / --replicas.",
+        ),
     ) -> None:
         """Start the stack (building missing images), pinned to the chosen GPUs.
 
@@ -223,12 +235,16 @@ def register(app: typer.Typer) -> None:
             mqtt_tls_cert=mqtt_tls_cert,
             mqtt_tls_key=mqtt_tls_key,
             mqtt_tls_port=mqtt_tls_port,
+            replicas=replicas,
+            tp=tp,
         )
         planned = stack.plan_up(request, warn=warn)
         stack.check_engine_can_read(planned)
         _check_port(planned.name, planned.options.mqtt_port)
         docker = Docker.connect()
         images = render.stack_images([planned.cell], planned.options.image_version)
+        if planned.options.replicas > 1:
+            images.append(render.redis_image(planned.options.image_version))
         if build_first or rebuild or not all(docker.image_exists(i.tag) for i in images):
             _err.print(
                 "rebuilding the stack's images"
@@ -237,7 +253,14 @@ def register(app: typer.Typer) -> None:
                 if build_first
                 else "building missing images"
             )
-            build_cells(docker, [planned.cell], base_image, wheelhouse, rebuild=rebuild)
+            build_cells(
+                docker,
+                [planned.cell],
+                base_image,
+                wheelhouse,
+                rebuild=rebuild,
+                redis=planned.options.replicas > 1,
+            )
         start = time.monotonic()
         _err.print(
             f"starting stack {planned.name!r} (compose waits until the engine has loaded the model)"
@@ -245,9 +268,17 @@ def register(app: typer.Typer) -> None:
         compose_file = stack.up(planned)
         record = stack.load_record(planned.folder)
         gpus_used = ",".join(planned.options.gpu_ids) if planned.cell.gpu_class != "cpu" else "none"
+        pairs = (
+            f", {planned.options.replicas} replicas of {planned.options.tensor_parallel_size} "
+            "GPU(s)"
+            if planned.options.replicas > 1 and planned.cell.gpu_class != "cpu"
+            else f", {planned.options.replicas} replicas"
+            if planned.options.replicas > 1
+            else ""
+        )
         _err.print(
             f"stack {planned.name!r} up: {planned.cell.quant} on {planned.cell.gpu_class}, "
-            f"GPUs {gpus_used}, projects {','.join(record.projects)}, "
+            f"GPUs {gpus_used}{pairs}, projects {','.join(record.projects)}, "
             f"MQTT on port {record.mqtt_port} ({compose_file})",
             soft_wrap=True,
         )

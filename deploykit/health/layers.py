@@ -29,10 +29,22 @@ class Layer:
     #: How long one attempt may wait (an MQTT answer, an HTTP request inside the engine container).
     timeout_s: float = 5.0
 
-    def __init__(self, target: StackTarget, timeout_s: float | None = None) -> None:
+    def __init__(
+        self,
+        target: StackTarget,
+        timeout_s: float | None = None,
+        *,
+        service: str | None = None,
+        label: str | None = None,
+    ) -> None:
         self.target = target
         if timeout_s is not None:
             self.timeout_s = timeout_s
+        #: The compose service it looks at (replicas: engine-2, bridge-2, ...); None: the layer's
+        #: own (the first replica's).
+        self.service = service
+        if label is not None:  # which replica or part, in the check's name
+            self.name = f"{self.name}[{label}]"
 
 
 class BrokerCheck(Layer):
@@ -55,7 +67,7 @@ class BrokerCheck(Layer):
 
 
 class EngineContainerCheck(Layer):
-    """Docker's HEALTHCHECK of the engine container says healthy."""
+    """Docker's HEALTHCHECK of the engine container (or ``service``'s) says healthy."""
 
     name = "engine-container"
     hint = "see `deploykit logs engine` (a large model takes minutes to load)"
@@ -66,7 +78,7 @@ class EngineContainerCheck(Layer):
             return skipped(
                 self.name, f"no container: vLLM runs as process {serve.pids.get('engine', '?')}"
             )
-        name = self.target.container("engine")
+        name = self.target.container(self.service or "engine")
         assert self.target.docker is not None  # container() found one through it
         state = self.target.docker.container_attrs(name).get("State", {})
         health = (state.get("Health") or {}).get("Status", "none")
@@ -116,7 +128,7 @@ class _EngineHttp(Layer):
             out = done.stdout
         else:
             assert self.target.docker is not None
-            _rc, out = self.target.docker.exec(self.target.container("engine"), cmd)
+            _rc, out = self.target.docker.exec(self.target.container(self.service or "engine"), cmd)
         status_line, _, text = out.partition("\n")
         try:
             return int(status_line.strip()), text.strip()
@@ -183,7 +195,7 @@ class BridgeStatusCheck(Layer):
     hint = "see `deploykit logs bridge`; the bridge is not connected to the broker"
 
     def run(self) -> CheckResult:
-        topic = names.status_topic(self.target.record.bridge_name)
+        topic = names.status_topic(self.service or self.target.record.bridge_name)
         payload = _read_retained(self.target, topic, self.timeout_s)
         if payload is None:
             return failed(self.name, f"no retained status on {topic}")
@@ -251,9 +263,17 @@ class BridgeProbeCheck(Layer):
         return ok(self.name, f"answered on {reply.topic} in {time.monotonic() - start:.2f} s")
 
 
+class RedisContainerCheck(EngineContainerCheck):
+    """Replicas: Docker's HEALTHCHECK of Redis (a PING with the password) says healthy."""
+
+    name = "redis-container"
+    hint = "see `deploykit logs redis`; the replicas' shared session state is down"
+
+
 def default_checks(target: StackTarget) -> list[Check]:
     """Every layer, bottom to top; a serve instance's processes and bridge /health in place of
-    the engine container's health."""
+    the engine container's health; with replicas, the engine layers and the bridge's status of
+    each replica (named ``engine-health[engine-2]``, ...) and Redis."""
     if target.record.serve is not None:
         from deploykit.health.serve import BridgeHttpCheck, ServeProcessesCheck
 
@@ -268,12 +288,25 @@ def default_checks(target: StackTarget) -> list[Check]:
             BridgeStatusCheck(target),
             BridgeProbeCheck(target),
         ]
-    return [
-        BrokerCheck(target),
-        EngineContainerCheck(target),
-        EngineHealthCheck(target),
-        EngineModelsCheck(target),
-        EngineCompletionCheck(target),
-        BridgeStatusCheck(target),
-        BridgeProbeCheck(target),
-    ]
+    pairs = target.record.replica_pairs()
+    if len(pairs) == 1:
+        return [
+            BrokerCheck(target),
+            EngineContainerCheck(target),
+            EngineHealthCheck(target),
+            EngineModelsCheck(target),
+            EngineCompletionCheck(target),
+            BridgeStatusCheck(target),
+            BridgeProbeCheck(target),
+        ]
+    checks: list[Check] = [BrokerCheck(target), RedisContainerCheck(target, service="redis")]
+    for layer in (
+        EngineContainerCheck,
+        EngineHealthCheck,
+        EngineModelsCheck,
+        EngineCompletionCheck,
+    ):
+        checks += [layer(target, service=p.engine, label=p.engine) for p in pairs]
+    checks += [BridgeStatusCheck(target, service=p.bridge_name, label=p.bridge) for p in pairs]
+    checks.append(BridgeProbeCheck(target))
+    return checks

@@ -623,3 +623,77 @@ class Blackhole:
         self._stop.set()
         self._server.close()
         self.restore()
+
+
+# ------------------------------------------------------------------------------------------- redis
+REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
+
+
+class Redis:
+    """Debian's redis-server with a password (from a config file, as the redis image does), an
+    append-only file in ``workdir``; stoppable and restartable on the same port."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.port = free_port()
+        self.password = uuid.uuid4().hex
+        self.password_file = workdir / "redis_password"
+        self.password_file.write_text(self.password + "\n")
+        self.password_file.chmod(0o600)
+        self.conf = workdir / "redis.conf"
+        self.conf.write_text(
+            f"bind 127.0.0.1\nport {self.port}\nrequirepass {self.password}\n"
+            f'dir {workdir}\nappendonly yes\nappendfsync everysec\nsave ""\n'
+            f"logfile {workdir}/redis.log\n"
+        )
+        self.conf.chmod(0o600)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [REDIS_SERVER, str(self.conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+
+        def listening() -> bool:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), 0.5).close()
+                return True
+            except OSError:
+                assert self.proc is not None and self.proc.poll() is None, "redis-server exited"
+                return False
+
+        wait_until(listening, 10, f"redis-server on port {self.port}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+        self.proc = None
+
+    def flush(self) -> None:
+        import redis
+
+        redis.Redis(port=self.port, password=self.password).flushall()
+
+    def bridge_env(self, share_group_file: Path, replica: str) -> dict[str, str]:
+        """What a bridge replica needs to share its session state here."""
+        return {
+            "DEPLOYKIT_SHARE_GROUP_FILE": str(share_group_file),
+            "DEPLOYKIT_REDIS": self.url,
+            "DEPLOYKIT_REDIS_PASSWORD_FILE": str(self.password_file),
+            "DEPLOYKIT_REPLICA": replica,
+        }
+
+
+@pytest.fixture
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Redis]:
+    if not Path(REDIS_SERVER).exists():
+        pytest.skip(f"redis-server not found at {REDIS_SERVER} (apt-get install redis-server)")
+    r = Redis(tmp_path_factory.mktemp("redis"))
+    r.start()
+    yield r
+    r.stop()

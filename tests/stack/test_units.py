@@ -36,6 +36,7 @@ def test_secrets_are_private_stable_and_grow_with_projects(tmp_path: Path) -> No
         "mqtt_client_general_password",
         "mqtt_client_maze_password",
         "mqtt_users",
+        "redis_password",
     ]
     for p in folder.path.iterdir():
         assert stat.S_IMODE(p.stat().st_mode) == 0o600, p
