@@ -38,6 +38,7 @@ class ChatSession:
     max_tokens: int | None = None
 
     def __post_init__(self) -> None:
+        self.record.check_has_broker("chat")
         if self.project not in self.record.projects:
             raise CheckFailed(
                 f"the stack {self.record.name!r} serves projects {', '.join(self.record.projects)}, "

@@ -99,8 +99,12 @@ def list_stacks(docker: Any | None = None) -> list[HostStack]:
                 record = stack.load_record(folder)
             except (UsageError, OSError, ValueError, KeyError):
                 record = None
+        # a worker host's stack runs no broker: it publishes no MQTT port
+        own_broker = record is not None and record.worker_name is None
         port = (
-            entry["port"] if entry["port"] is not None else (record.mqtt_port if record else None)
+            entry["port"]
+            if entry["port"] is not None
+            else (record.mqtt_port if own_broker and record else None)
         )
         stacks.append(HostStack(name, folder, entry["containers"], port, record))
     return stacks

@@ -112,11 +112,23 @@ class StackOptions:
     #: Engine+bridge pairs; ``gpu_ids`` is split evenly among them. More than one: the bridges
     #: share the work through one MQTT share group and their sessions' state through Redis.
     replicas: int = 1
+    #: A broker host's Redis published on this host port, for worker hosts to share it.
+    redis_port: int | None = None
+    #: A worker host (``up --role worker``): engines and bridges only, joining ``broker_url``
+    #: and sharing session state in ``redis_url``, as the broker host's bundle says.
+    worker_name: str | None = None
+    broker_url: str | None = None
+    redis_url: str | None = None
 
     def __post_init__(self) -> None:
         names.check_project_names(self.projects)
         if self.replicas < 1:
             raise UsageError(f"--replicas {self.replicas}: at least one", "e.g. --replicas 2")
+
+    @property
+    def shared(self) -> bool:
+        """Bridges that share work and session state: several replicas, or worker hosts."""
+        return self.replicas > 1 or self.redis_port is not None or self.worker_name is not None
 
     @property
     def tensor_parallel_size(self) -> int:
@@ -143,6 +155,7 @@ def replicas_of(options: StackOptions) -> list[Replica]:
     (``engine``, ``bridge``), so ``up --replicas 2`` on it adds ``engine-2`` and ``bridge-2``."""
     tp = options.tensor_parallel_size
     out = []
+    worker = options.worker_name
     for i in range(1, options.replicas + 1):
         first = i == 1
         out.append(
@@ -150,8 +163,12 @@ def replicas_of(options: StackOptions) -> list[Replica]:
                 i,
                 "engine" if first else f"engine-{i}",
                 "bridge" if first else f"bridge-{i}",
-                options.bridge_name if first else f"bridge-{i}",
-                None if first else str(i),
+                f"{worker}-bridge-{i}"
+                if worker
+                else options.bridge_name
+                if first
+                else f"bridge-{i}",
+                f"{worker}-{i}" if worker else None if first else str(i),
                 options.gpu_ids[(i - 1) * tp : i * tp],
             )
         )
@@ -616,7 +633,9 @@ def render_compose(cell: Cell, options: StackOptions | None = None) -> str:
             "give a multiple of --replicas GPUs with --gpus",
         )
     replicas = replicas_of(options)
-    shared = options.replicas > 1
+    shared = options.shared
+    broker = options.broker_url or f"mqtt://broker:{MQTT_PORT}"
+    redis = options.redis_url or f"redis://redis:{REDIS_PORT}/0"
     return _render(
         "compose/compose.yaml.j2",
         cell=cell,
@@ -624,6 +643,7 @@ def render_compose(cell: Cell, options: StackOptions | None = None) -> str:
         options=options,
         replicas=replicas,
         shared=shared,
+        worker=options.worker_name is not None,
         redis_image=redis_tag(options.image_version),
         redis_port=REDIS_PORT,
         engine_image=image_tag(cell, options.image_version),
@@ -634,13 +654,13 @@ def render_compose(cell: Cell, options: StackOptions | None = None) -> str:
         bridge_environments={
             r.bridge: bridge_environment(
                 options,
-                broker=f"mqtt://broker:{MQTT_PORT}",
+                broker=broker,
                 engine=f"http://{r.engine}:{ENGINE_PORT}",
                 http_port=BRIDGE_HTTP_PORT,
                 secret=lambda name: f"/run/secrets/{name}",
                 config=BRIDGE_CONFIG_PATH if options.bridge_config else None,
                 replica=r,
-                redis=f"redis://redis:{REDIS_PORT}/0" if shared else None,
+                redis=redis if shared else None,
             )
             for r in replicas
         },

@@ -148,6 +148,33 @@ def copy_tls(folder: SecretsFolder, cert: Path, key: Path) -> None:
         _write_private(dst, text)
 
 
+#: What a worker host's bridges need from the broker host (``deploykit credentials --worker``):
+#: the bridge's MQTT account, the secret client id its sessions are named by, the share group,
+#: and the password of the Redis the replicas share.
+WORKER_SECRETS = (
+    "mqtt_bridge_username",
+    "mqtt_bridge_password",
+    "bridge_client_id",
+    "bridge_share_group",
+    "redis_password",
+)
+
+
+def copy_private(files: Sequence[tuple[Path, Path]]) -> None:
+    """Copy files (source, destination), each owner-only, the destination's folder too."""
+    for src, dst in files:
+        dst.parent.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
+        os.chmod(dst.parent, DIR_MODE)
+        try:
+            text = src.read_text()
+        except OSError as exc:
+            raise UsageError(
+                f"cannot read {src}: {exc.strerror}",
+                "copy the whole worker bundle that `deploykit credentials --worker NAME` wrote",
+            ) from exc
+        _write_private(dst, text)
+
+
 def ensure_secrets(folder: Path, projects: Sequence[str]) -> SecretsFolder:
     """Create what is missing in ``folder`` for these projects; returns the folder."""
     names.check_project_names(tuple(projects))

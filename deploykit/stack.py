@@ -29,7 +29,7 @@ from deploykit.errors import DockerError, GpuError, UnsupportedError, UsageError
 from deploykit.matrix import Cell, GpuClass, Quant
 from deploykit.plan import DEFAULT_GPU_MEMORY_UTILIZATION, gate
 from deploykit.ports import MQTT_PORT, MQTT_TLS_PORT
-from deploykit.secrets import SecretsFolder, copy_tls, ensure_secrets
+from deploykit.secrets import WORKER_SECRETS, SecretsFolder, copy_private, copy_tls, ensure_secrets
 from deploykit.serve.record import ServeState
 
 DEFAULT_STATE_DIR = Path(".deploykit")
@@ -160,6 +160,8 @@ class StackPlan:
     state_dir: Path
     #: The certificate and key of the broker's TLS listener, copied into the secrets folder by up.
     tls_files: tuple[Path, Path] | None = None
+    #: A worker's bundle folder, whose secrets up copies into the secrets folder.
+    worker_secrets: Path | None = None
 
     @property
     def folder(self) -> Path:
@@ -203,6 +205,14 @@ class UpRequest:
     #: --tp 2`` is two replicas of two GPUs. None: from the other (one replica of every GPU).
     replicas: int | None = None
     tp: int | None = None
+    #: Publish this stack's Redis on this host port, for worker hosts (``--redis-port``).
+    redis_port: int | None = None
+    #: A worker host (``--role worker``): no broker, its bridges join ``broker_url`` and share the
+    #: sessions' state in ``redis_url``, with the secrets of the broker host's bundle folder.
+    worker_name: str | None = None
+    broker_url: str | None = None
+    redis_url: str | None = None
+    worker_secrets: Path | None = None
 
 
 def plan_up(
@@ -280,8 +290,18 @@ def plan_up(
         image_version=request.image_version or render.StackOptions().image_version,
         mqtt_tls_port=request.mqtt_tls_port if tls else None,
         replicas=replicas,
+        redis_port=request.redis_port,
+        worker_name=request.worker_name,
+        broker_url=request.broker_url,
+        redis_url=request.redis_url,
     )
-    return StackPlan(name, cell, options, request.state_dir.resolve(), tls)
+    if request.worker_name is not None and (tls or request.redis_port is not None):
+        raise UsageError(
+            "a worker host runs no broker and no Redis: --mqtt-tls-cert and --redis-port are "
+            "for the broker host",
+            "leave them out with --role worker",
+        )
+    return StackPlan(name, cell, options, request.state_dir.resolve(), tls, request.worker_secrets)
 
 
 def split_gpus(gpus: int, replicas: int | None, tp: int | None) -> tuple[int, int]:
@@ -467,6 +487,18 @@ class StackRecord:
     serve: ServeState | None = None
     bridge_config: Path | None = None  # the host file given to ``up --bridge-config``
     replicas: int = 1  # engine+bridge pairs
+    redis_port: int | None = None  # its Redis published for worker hosts
+    worker_name: str | None = None  # a worker host: no broker of its own
+    broker_url: str | None = None  # a worker host's broker
+
+    def check_has_broker(self, what: str) -> None:
+        """Refuse ``what`` (something that needs this stack's own broker) on a worker host."""
+        if self.worker_name is not None:
+            raise UsageError(
+                f"the stack {self.name!r} is the worker host {self.worker_name!r} of the broker "
+                f"at {self.broker_url}: it has no broker of its own, so {what} is not here",
+                "run it on the broker host (deploykit ... --name THAT-STACK there)",
+            )
 
     def replica_pairs(self) -> list[render.Replica]:
         """The stack's engine+bridge pairs (their compose services and bridge names)."""
@@ -475,6 +507,7 @@ class StackRecord:
                 gpu_ids=self.gpu_ids or ("0",) * self.replicas,
                 replicas=self.replicas,
                 bridge_name=self.bridge_name,
+                worker_name=self.worker_name,
             )
         )
 
@@ -530,6 +563,9 @@ def load_record(folder: Path) -> StackRecord:
         serve=ServeState.from_json(data["serve"]) if data.get("serve") else None,
         bridge_config=Path(opts["bridge_config"]) if opts.get("bridge_config") else None,
         replicas=int(opts.get("replicas", 1)),
+        redis_port=opts.get("redis_port"),
+        worker_name=opts.get("worker_name"),
+        broker_url=opts.get("broker_url"),
     )
 
 
@@ -567,6 +603,9 @@ def up(plan: StackPlan, *, start: bool = True, services: Sequence[str] = ()) -> 
     told to load the accounts of projects added since it started (:func:`reload_accounts`).
     ``start=False`` creates the containers without starting them (``up --no-start``).
     """
+    if plan.worker_secrets is not None:
+        secrets = Path(plan.options.secrets_dir)
+        copy_private([(plan.worker_secrets / n, secrets / n) for n in WORKER_SECRETS])
     folder = ensure_secrets(Path(plan.options.secrets_dir), plan.options.projects)
     if plan.tls_files is not None:
         copy_tls(folder, *plan.tls_files)

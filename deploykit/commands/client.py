@@ -106,11 +106,37 @@ def register(app: typer.Typer) -> None:
         as_json: bool = options.json_option(
             "Print JSON (broker, username, password_file, snippets)."
         ),
+        worker: str | None = typer.Option(
+            None,
+            "--worker",
+            help="Write a bundle for worker host NAME instead (--out): what `deploykit up --role "
+            "worker` there needs to join this stack. Files, owner-only; copy the folder over.",
+        ),
+        host: str | None = typer.Option(
+            None, "--host", help="--worker: how the worker reaches this host (default: its FQDN)."
+        ),
+        out: Path | None = typer.Option(
+            None, "--out", help="--worker: the bundle's folder (default: ./deploykit-worker-NAME)."
+        ),
         name: str | None = options.name_option(),
         state_dir: Path = options.state_dir_option(),
     ) -> None:
         """How a client reaches a project: broker address, username, password file, and clients
-        to paste (mosquitto_pub/sub, Python paho, JavaScript mqtt.js). Never prints the password."""
+        to paste (mosquitto_pub/sub, Python paho, JavaScript mqtt.js). Never prints the password.
+        With --worker NAME: a bundle of files for a worker host."""
+        if worker is not None:
+            folder = out or Path(f"deploykit-worker-{worker}")
+            bundle = credentials.write_worker_bundle(
+                options.find(name, state_dir), worker, folder, host
+            )
+            print(f"worker bundle for {bundle.worker}: {folder} (owner-only; copy the folder)")
+            print(f"  broker {bundle.broker_url}, Redis {bundle.redis_url}")
+            print(f"  projects {','.join(bundle.projects)}")
+            print(
+                "on the worker: deploykit up --role worker --worker-credentials "
+                f"{folder.name} [--gpus ...]"
+            )
+            return
         access = credentials.client_access(options.find(name, state_dir), project)
         if as_json:
             print(json.dumps(access.to_json(), indent=2))

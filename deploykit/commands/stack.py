@@ -11,12 +11,13 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from deploykit import health, hoststacks, plan, render, stack
+from deploykit import credentials, health, hoststacks, plan, render, stack
 from deploykit.commands import options
 from deploykit.commands.build import build_cells, warn
 from deploykit.devices import GPU_SPEC_HELP
 from deploykit.docker import Docker
 from deploykit.errors import UsageError
+from deploykit.mqttclient import parse_broker_url
 from deploykit.ports import MQTT_PORT, MQTT_TLS_PORT
 
 _err = Console(stderr=True, highlight=False)
@@ -210,12 +211,52 @@ def register(app: typer.Typer) -> None:
             help="GPUs per engine (tensor parallel): --gpus 0,1,2,3 --tp 2 is two replicas of "
             "two GPUs. Default: --gpus / --replicas.",
         ),
+        redis_port: int | None = typer.Option(
+            None,
+            "--redis-port",
+            help="Broker host: publish the replicas' Redis on this host port, so worker hosts "
+            "can join (see `deploykit credentials --worker`).",
+        ),
+        role: str = typer.Option(
+            "all",
+            "--role",
+            help="all: broker, engines and bridges; worker: engines and bridges joining another "
+            "host's broker (needs --worker-credentials).",
+        ),
+        broker: str | None = typer.Option(
+            None,
+            "--broker",
+            help="Worker: the broker to join, mqtt://HOST:PORT (default: the bundle's).",
+        ),
+        worker_credentials: Path | None = typer.Option(
+            None,
+            "--worker-credentials",
+            help="Worker: the folder `deploykit credentials --worker NAME` wrote on the broker host.",
+        ),
     ) -> None:
         """Start the stack (building missing images), pinned to the chosen GPUs.
 
         Without a GPU: the cpu stack with a tiny demo model. Run it again with more --projects to
         add projects to the running stack.
         """
+        bundle = None
+        if role not in ("all", "worker"):
+            raise UsageError(f"--role {role!r}: all or worker", "e.g. --role worker")
+        if role == "worker":
+            if worker_credentials is None:
+                raise UsageError(
+                    "--role worker needs --worker-credentials DIR",
+                    "on the broker host: deploykit credentials --worker NAME --out DIR; copy DIR here",
+                )
+            bundle = credentials.read_worker_bundle(worker_credentials)
+            if broker is not None:
+                parse_broker_url(broker)
+            projects = ",".join(bundle.projects)  # the broker host's accounts
+        elif broker is not None or worker_credentials is not None:
+            raise UsageError(
+                "--broker and --worker-credentials are for --role worker",
+                "add --role worker, or leave them out",
+            )
         request = stack.UpRequest(
             quant=quant,
             gpus=gpus,
@@ -237,13 +278,19 @@ def register(app: typer.Typer) -> None:
             mqtt_tls_port=mqtt_tls_port,
             replicas=replicas,
             tp=tp,
+            redis_port=redis_port,
+            worker_name=bundle.worker if bundle else None,
+            broker_url=(broker or bundle.broker_url) if bundle else None,
+            redis_url=bundle.redis_url if bundle else None,
+            worker_secrets=bundle.folder if bundle else None,
         )
         planned = stack.plan_up(request, warn=warn)
         stack.check_engine_can_read(planned)
-        _check_port(planned.name, planned.options.mqtt_port)
+        if role != "worker":
+            _check_port(planned.name, planned.options.mqtt_port)
         docker = Docker.connect()
         images = render.stack_images([planned.cell], planned.options.image_version)
-        if planned.options.replicas > 1:
+        if planned.options.shared:
             images.append(render.redis_image(planned.options.image_version))
         if build_first or rebuild or not all(docker.image_exists(i.tag) for i in images):
             _err.print(
@@ -259,7 +306,7 @@ def register(app: typer.Typer) -> None:
                 base_image,
                 wheelhouse,
                 rebuild=rebuild,
-                redis=planned.options.replicas > 1,
+                redis=planned.options.shared,
             )
         start = time.monotonic()
         _err.print(
@@ -279,7 +326,12 @@ def register(app: typer.Typer) -> None:
         _err.print(
             f"stack {planned.name!r} up: {planned.cell.quant} on {planned.cell.gpu_class}, "
             f"GPUs {gpus_used}{pairs}, projects {','.join(record.projects)}, "
-            f"MQTT on port {record.mqtt_port} ({compose_file})",
+            + (
+                f"joined {planned.options.broker_url} as worker {planned.options.worker_name} "
+                if role == "worker"
+                else f"MQTT on port {record.mqtt_port} "
+            )
+            + f"({compose_file})",
             soft_wrap=True,
         )
         if wait:

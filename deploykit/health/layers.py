@@ -270,10 +270,19 @@ class RedisContainerCheck(EngineContainerCheck):
     hint = "see `deploykit logs redis`; the replicas' shared session state is down"
 
 
+class BridgeContainerCheck(EngineContainerCheck):
+    """A worker host's bridge: Docker's HEALTHCHECK (its /health: connected to the other host's
+    broker and its engine answering) says healthy."""
+
+    name = "bridge-container"
+    hint = "see `deploykit logs bridge`; can it reach the broker host (--broker) and its Redis?"
+
+
 def default_checks(target: StackTarget) -> list[Check]:
     """Every layer, bottom to top; a serve instance's processes and bridge /health in place of
     the engine container's health; with replicas, the engine layers and the bridge's status of
-    each replica (named ``engine-health[engine-2]``, ...) and Redis."""
+    each replica (named ``engine-health[engine-2]``, ...) and Redis. A worker host has no broker
+    of its own and no project account: its engines' layers and its bridges' own health."""
     if target.record.serve is not None:
         from deploykit.health.serve import BridgeHttpCheck, ServeProcessesCheck
 
@@ -289,6 +298,17 @@ def default_checks(target: StackTarget) -> list[Check]:
             BridgeProbeCheck(target),
         ]
     pairs = target.record.replica_pairs()
+    if target.record.worker_name is not None:
+        checks: list[Check] = []
+        for layer in (
+            EngineContainerCheck,
+            EngineHealthCheck,
+            EngineModelsCheck,
+            EngineCompletionCheck,
+        ):
+            checks += [layer(target, service=p.engine, label=p.engine) for p in pairs]
+        checks += [BridgeContainerCheck(target, service=p.bridge, label=p.bridge) for p in pairs]
+        return checks
     if len(pairs) == 1:
         return [
             BrokerCheck(target),
@@ -299,7 +319,7 @@ def default_checks(target: StackTarget) -> list[Check]:
             BridgeStatusCheck(target),
             BridgeProbeCheck(target),
         ]
-    checks: list[Check] = [BrokerCheck(target), RedisContainerCheck(target, service="redis")]
+    checks = [BrokerCheck(target), RedisContainerCheck(target, service="redis")]
     for layer in (
         EngineContainerCheck,
         EngineHealthCheck,

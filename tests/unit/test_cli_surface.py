@@ -196,3 +196,42 @@ def test_up_refuses_a_bad_project_name_before_anything_starts(
     assert why in result.stderr
     assert "hint:" in result.stderr
     assert not any(tmp_path.iterdir()), "a refused up left state behind"
+
+
+@pytest.mark.parametrize(
+    "args, why",
+    [
+        (["--role", "boss"], "--role 'boss': all or worker"),
+        (["--role", "worker"], "--role worker needs --worker-credentials DIR"),
+        (["--broker", "mqtt://h:1883"], "--broker and --worker-credentials are for --role worker"),
+        (["--role", "worker", "--worker-credentials", "no-such-bundle"], "has no worker"),
+    ],
+)
+def test_up_refuses_a_wrong_worker_role_before_anything_starts(
+    tmp_path: Path, args: list[str], why: str
+) -> None:
+    result = deploykit("up", *args, "--name", "x", "--state-dir", str(tmp_path / "state"))
+    assert result.returncode == ExitCode.USAGE, result.stderr
+    assert why in result.stderr and "hint:" in result.stderr
+    assert not (tmp_path / "state").exists(), "a refused up left state behind"
+
+
+def test_a_worker_bundle_with_a_bad_broker_url_is_refused(tmp_path: Path) -> None:
+    from deploykit import credentials
+    from deploykit.secrets import WORKER_SECRETS
+
+    bundle = tmp_path / "bundle"
+    bundle.mkdir(mode=0o700)
+    for name in WORKER_SECRETS:
+        (bundle / name).write_text("x\n")
+        (bundle / name).chmod(0o600)
+    info = {"worker": "w1", "broker_url": "mqtt://h:1883", "redis_url": "redis://h:6380/0"}
+    for name in credentials.BUNDLE_INFO:
+        (bundle / name).write_text(info.get(name, "general") + "\n")
+    result = deploykit(
+        "up", "--role", "worker", "--worker-credentials", str(bundle), "--broker", "http://h:1",
+        "--name", "x", "--state-dir", str(tmp_path / "state"),
+    )  # fmt: skip
+    assert result.returncode == ExitCode.USAGE, result.stderr
+    assert "unsupported broker URL scheme 'http'" in result.stderr
+    assert not (tmp_path / "state").exists(), "a refused up left state behind"

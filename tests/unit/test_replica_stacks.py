@@ -27,6 +27,23 @@ CASES = {
         "cuda-fp8",
         render.StackOptions(gpu_ids=FOUR_GPUS, replicas=2, secrets_dir="/s", mqtt_port=11883),
     ),
+    "workers-brokerhost-none-cpu": (
+        "none",
+        "cpu",
+        render.StackOptions(secrets_dir="/s", redis_port=6380),
+    ),
+    "workers-worker-none-cuda-2gpu": (
+        "none",
+        "cuda",
+        render.StackOptions(
+            gpu_ids=FOUR_GPUS[:2],
+            replicas=2,
+            secrets_dir="/s",
+            worker_name="w1",
+            broker_url="mqtt://broker.example:1883",
+            redis_url="redis://broker.example:6380/0",
+        ),
+    ),
 }
 
 
@@ -161,3 +178,53 @@ def test_health_checks_every_replica() -> None:
     ]
     one = health.default_checks(health.StackTarget(replace(record, replicas=1), docker=None))  # type: ignore[arg-type]
     assert [c.name for c in one][1:3] == ["engine-container", "engine-health"]  # type: ignore[attr-defined]
+
+
+def test_a_broker_host_publishes_redis_and_a_worker_runs_no_broker() -> None:
+    host = yaml.safe_load(rendered("workers-brokerhost-none-cpu"))["services"]
+    assert host["redis"]["ports"] == ["0.0.0.0:6380:6379"]
+    assert "DEPLOYKIT_REDIS" in host["bridge"]["environment"]  # one local replica shares too
+    worker = yaml.safe_load(rendered("workers-worker-none-cuda-2gpu"))
+    services = worker["services"]
+    assert set(services) == {"engine", "bridge", "engine-2", "bridge-2"}
+    for b, i in (("bridge", 1), ("bridge-2", 2)):
+        env = services[b]["environment"]
+        assert env["DEPLOYKIT_BROKER"] == "mqtt://broker.example:1883"
+        assert env["DEPLOYKIT_REDIS"] == "redis://broker.example:6380/0"
+        assert env["DEPLOYKIT_REPLICA"] == f"w1-{i}"  # its MQTT sessions: <secret>-w1-<i>-<project>
+        assert env["DEPLOYKIT_BRIDGE_NAME"] == f"w1-bridge-{i}"
+        assert "depends_on" in services[b] and "broker" not in services[b]["depends_on"]
+    assert "mqtt_users" not in worker["secrets"] and "broker-data" not in worker["volumes"]
+
+
+def test_worker_bundle_round_trips_owner_only(tmp_path: Path) -> None:
+    from deploykit import credentials
+    from deploykit.secrets import WORKER_SECRETS, ensure_secrets
+
+    folder = ensure_secrets(tmp_path / "secrets", ["general", "maze"])
+    record = StackRecord(
+        name="host", folder=tmp_path, quant="none", gpu_class="cpu", served_model_name="demo",
+        projects=("general", "maze"), mqtt_port=1883, secrets_dir=folder.path,
+        bridge_name="bridge-1", redis_port=6380,
+    )  # fmt: skip
+    out = tmp_path / "bundle"
+    written = credentials.write_worker_bundle(record, "gpu-box-2", out, host="10.0.0.5")
+    assert oct(out.stat().st_mode & 0o777) == "0o700"
+    assert all(oct(p.stat().st_mode & 0o777) == "0o600" for p in out.iterdir())
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [*WORKER_SECRETS, *credentials.BUNDLE_INFO]
+    )
+    read = credentials.read_worker_bundle(out)
+    assert read == written
+    assert read.broker_url == "mqtt://10.0.0.5:1883" and read.redis_url == "redis://10.0.0.5:6380/0"
+    assert read.projects == ("general", "maze")
+    with pytest.raises(UsageError):  # a stack that does not publish its Redis cannot take workers
+        credentials.write_worker_bundle(replace(record, redis_port=None), "w", tmp_path / "x")
+    with pytest.raises(UsageError):
+        credentials.write_worker_bundle(record, "bad name", tmp_path / "y")
+    (out / "redis_password").chmod(0o644)  # a copy that lost its modes is refused, not used
+    with pytest.raises(UsageError, match="can be read by others"):
+        credentials.read_worker_bundle(out)
+    (out / "redis_password").unlink()
+    with pytest.raises(UsageError):
+        credentials.read_worker_bundle(out)
