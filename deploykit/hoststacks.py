@@ -36,9 +36,13 @@ class HostStack:
     @property
     def expected(self) -> int:
         """Containers the stack has when complete: broker, and an engine and a bridge per replica
-        (and Redis with several)."""
-        replicas = self.record.replicas if self.record is not None else 1
-        return len(SERVICES) + 2 * (replicas - 1) + (1 if replicas > 1 else 0)
+        (and Redis with several, or for worker hosts); a worker host: its engines and bridges."""
+        r = self.record
+        if r is None:
+            return len(SERVICES)
+        own = r.worker_name is None  # a worker host has no broker and no Redis of its own
+        redis = own and (r.replicas > 1 or r.redis_port is not None)
+        return 2 * r.replicas + int(own) + int(redis)
 
     @property
     def state(self) -> str:
@@ -154,3 +158,33 @@ def port_holder(port: int, name: str, stacks: list[HostStack] | None = None) -> 
         if s.name != name and s.mqtt_port == port and s.running:
             return s
     return None
+
+
+def stack_containers(name: str, docker: Any | None = None) -> list[tuple[str, str, str, str]]:
+    """``deploykit ps``: each container of the stack ``name`` as (service, container, state with
+    its health, published ports), by service."""
+    if docker is None:
+        from deploykit.docker import Docker
+
+        docker = Docker.connect()
+    rows = []
+    for c in docker.containers({stack.COMPOSE_PROJECT_LABEL: name}):
+        attrs = c.attrs or {}
+        health = ((attrs.get("State") or {}).get("Health") or {}).get("Status")
+        ports = [
+            f"{b.get('HostIp', '')}:{b['HostPort']}->{inside}"
+            for inside, bindings in sorted(
+                ((attrs.get("NetworkSettings") or {}).get("Ports") or {}).items()
+            )
+            for b in bindings or []
+            if b.get("HostPort")
+        ]
+        rows.append(
+            (
+                (c.labels or {}).get(stack.COMPOSE_SERVICE_LABEL, "?"),
+                c.name or "",
+                f"{c.status} ({health})" if health else str(c.status),
+                ", ".join(ports),
+            )
+        )
+    return sorted(rows)

@@ -691,10 +691,6 @@ def down(record: StackRecord, *, keep_data: bool = False) -> None:
     compose(record.name, record.compose_file, args, capture=True)
 
 
-def ps(record: StackRecord) -> str:
-    return compose(record.name, record.compose_file, ["ps"], capture=True).stdout
-
-
 def logs(
     record: StackRecord, services: Sequence[str] = (), *, follow: bool = False, tail: str = "200"
 ) -> None:

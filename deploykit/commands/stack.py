@@ -365,8 +365,15 @@ def register(app: typer.Typer) -> None:
     def ps_cmd(
         name: str | None = options.name_option(), state_dir: Path = options.state_dir_option()
     ) -> None:
-        """List the stack's containers."""
-        print(stack.ps(options.find_compose(name, state_dir)), end="")
+        """List the stack's containers: service, container, state (health), published ports."""
+        record = options.find_compose(name, state_dir)
+        rows = [
+            ("service", "container", "state", "ports"),
+            *hoststacks.stack_containers(record.name),
+        ]
+        widths = [max(len(row[i]) for row in rows) for i in range(3)]
+        for row in rows:  # plain columns, never wrapped: each service on one line
+            print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)), row[3])
 
     @app.command("logs")
     def logs_cmd(

@@ -56,10 +56,10 @@ def faulty(
 
 
 def run_with_fault(
-    record: stack.StackRecord, fault: str, duration_s: float = 24.0
+    record: stack.StackRecord, fault: str, duration_s: float = 24.0, project: str = "soak"
 ) -> soak.SoakReport:
     docker = Docker.connect()
-    target = health.StackTarget(record, docker, project="soak")
+    target = health.StackTarget(record, docker, project=project)
 
     def wait_healthy() -> float | None:
         results, waited = health.wait_healthy(
@@ -69,7 +69,7 @@ def run_with_fault(
 
     async def main() -> soak.SoakReport:
         async with soak.RetryingClients(
-            target.address, "soak", target.credentials(), sessions=16, timeout_s=20
+            target.address, project, target.credentials(), sessions=16, timeout_s=20
         ) as clients:
             return await soak.soak(
                 clients,

@@ -82,11 +82,14 @@ def answered(docker: Docker, service: str) -> float:
 def test_ps_and_health_show_every_replica(where: list[str]) -> None:
     ps = cli("ps", *where)
     assert ps.returncode == 0, ps.stderr
-    for service in ("engine-2", "bridge-2", "redis"):
-        assert service in ps.stdout, ps.stdout
+    services = {line.split()[0]: line.split()[2] for line in ps.stdout.splitlines()[1:]}
+    assert set(services) == {"broker", "redis", "engine", "bridge", "engine-2", "bridge-2"}, (
+        ps.stdout
+    )
+    assert all(state == "running" for state in services.values()), ps.stdout
     health = cli("health", *where, "--json")
     assert health.returncode == 0, health.stdout + health.stderr
-    checks = {c["check"]: c["ok"] for c in json.loads(health.stdout)}
+    checks = {c["check"]: c["ok"] for c in json.loads(health.stdout)["checks"]}
     for name in ("engine-completion[engine]", "engine-completion[engine-2]",
                  "bridge-status[bridge]", "bridge-status[bridge-2]", "redis-container"):  # fmt: skip
         assert checks.get(name) is True, checks
@@ -136,7 +139,8 @@ def test_two_replicas_share_200_requests_and_sessions_keep_their_history(
 def test_killing_one_replica_mid_run_loses_nothing(where: list[str], fault: str) -> None:
     if os.geteuid() != 0:
         pytest.skip("the crash faults kill container processes from the host: needs root")
-    report = run_with_fault(record(where), fault)
+    # 40 s of load: two CPU engines on the same cores answer about half as fast as one
+    report = run_with_fault(record(where), fault, duration_s=40.0, project="general")
     assert report.requests >= 200, f"only {report.requests} requests: the load did not run"
     assert report.faults[0].recovered_s is not None, f"the stack did not recover from {fault}"
     assert not report.lost, f"{len(report.lost)} requests lost: {report.lost[:5]}"
@@ -153,7 +157,8 @@ def test_scaling_back_to_one_replica(where: list[str]) -> None:
              "--wait", "--timeout", "600")  # fmt: skip
     assert up.returncode == 0, up.stderr[-3000:]
     ps = cli("ps", *where)
-    assert "bridge-2" not in ps.stdout and "engine-2" not in ps.stdout, ps.stdout
+    services = {line.split()[0] for line in ps.stdout.splitlines()[1:]}
+    assert services == {"broker", "engine", "bridge"}, ps.stdout  # one bridge: no Redis
     address = parse_broker_url(f"mqtt://127.0.0.1:{rec.mqtt_port}")
     creds = Credentials("general", SecretsFolder(rec.secrets_dir).client_password("general"))
     for i in range(10):  # each sent once: the one bridge left takes them all

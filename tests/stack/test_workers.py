@@ -106,13 +106,18 @@ def test_the_bundle_is_owner_only_files(
 def test_the_worker_runs_no_broker_and_is_healthy(
     hosts: tuple[stack.StackRecord, stack.StackRecord, Path],
 ) -> None:
-    _broker, worker, _bundle = hosts
+    broker, worker, _bundle = hosts
     docker = Docker.connect()
     services = {
         (c.labels or {}).get(stack.COMPOSE_SERVICE_LABEL)
         for c in docker.containers({stack.COMPOSE_PROJECT_LABEL: worker.name})
     }
     assert services == {"engine", "bridge"}, services
+    listed = {s["name"]: s for s in json.loads(cli("ls", "--json").stdout)}
+    assert listed[WORKER]["state"] == "2/2 running" and listed[WORKER]["mqtt_port"] is None
+    assert listed[broker.name]["state"] == "4/4 running", listed[broker.name]  # with its Redis
+    ps = cli("ps", "--name", WORKER, "--state-dir", str(worker.folder.parent))
+    assert [line.split()[0] for line in ps.stdout.splitlines()[1:]] == ["bridge", "engine"], ps
     health = cli("health", "--name", WORKER, "--state-dir", str(worker.folder.parent), "--json")
     assert health.returncode == 0, health.stdout + health.stderr
     report = json.loads(health.stdout)
