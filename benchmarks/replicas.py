@@ -7,6 +7,7 @@ Prints requests/s, output tokens/s and latency per cell; --json writes them.
 
     VLLM_PY=${DEPLOYKIT_VLLM_PYTHON:-/var/cache/deploykit/venv-vllm-cpu/bin/python}
     $VLLM_PY templates/engine/cpu/make_demo_model.py --size bench /tmp/dk-bench
+    chmod 644 /tmp/dk-bench/model.safetensors   # the engine reads it as a non-root user
     .venv/bin/python benchmarks/replicas.py --model /tmp/dk-bench --json benchmarks/results/replicas-cpu.json
 
 Every replica's engine is vLLM's CPU build on the same cores: on a machine of few cores two
