@@ -31,6 +31,8 @@ from deploykit.errors import UsageError
 from deploykit.matrix import CPU_DEMO_MODEL, GPU_CLASSES, Cell, GpuClass
 from deploykit.ports import BRIDGE_HTTP_PORT, BROKER_HEALTH_PORT, ENGINE_PORT, MQTT_PORT, REDIS_PORT
 from deploykit.render import (
+    CPU_ENGINE_ENVIRONMENT,
+    ENGINE_ENVIRONMENT,
     RUNTIME_UID,
     Bundle,
     StackOptions,
@@ -173,6 +175,7 @@ def render_k8s(cell: Cell, options: K8sOptions | None = None) -> Bundle:
         "broker_image": image(options, f"broker:{version}"),
         "redis_image": image(options, f"redis:{version}"),
         "engine_command": engine_args(cell, stack),
+        "engine_environment": {**ENGINE_ENVIRONMENT, **(CPU_ENGINE_ENVIRONMENT if cpu else {})},
         "served_model_name": served_model_name(cell, stack),
         "demo_model": CPU_DEMO_MODEL,
         "affinity_terms": compute_capability_terms(cell.gpu_class),
