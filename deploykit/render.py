@@ -119,6 +119,9 @@ class StackOptions:
     worker_name: str | None = None
     broker_url: str | None = None
     redis_url: str | None = None
+    #: This host's CPUs (``up`` reads them for the cpu stack; None: unknown). Several CPU
+    #: replicas bind their engines' compute threads to shares of them (``cpu_binds``).
+    host_cpus: int | None = None
 
     def __post_init__(self) -> None:
         names.check_project_names(self.projects)
@@ -548,6 +551,23 @@ ENGINE_ENVIRONMENT = {"CUDA_DEVICE_ORDER": "PCI_BUS_ID", "VLLM_NO_USAGE_STATS": 
 #: function even with --enforce-eager, and the cpu image has no C++ compiler: the engine would die.
 #: It runs eagerly instead (docs/facts.md, "The cpu engine image").
 CPU_ENGINE_ENVIRONMENT = {"TORCHDYNAMO_DISABLE": "1"}
+#: vLLM's CPU build binds its compute threads to these cores (a list or a range, ``0-3``); unset,
+#: it takes the first cores and leaves the last for its API server: every engine on one host
+#: would take the same ones (docs/facts.md, "The cpu engine image").
+CPU_BIND_VARIABLE = "VLLM_CPU_OMP_THREADS_BIND"
+
+
+def cpu_binds(options: StackOptions) -> list[str | None]:
+    """The cores each CPU replica's engine computes on: an equal share of the host's CPUs each,
+    so that two engines never compete for one core while another idles. None: vLLM's own
+    binding (one replica, an unknown host, or fewer CPUs than replicas)."""
+    n, cpus = options.replicas, options.host_cpus
+    if n == 1 or cpus is None or cpus < n:
+        return [None] * n
+    per = cpus // n
+    return [str(i * per) if per == 1 else f"{i * per}-{(i + 1) * per - 1}" for i in range(n)]
+
+
 #: Where the compose stack's bridge finds its config file (mounted from the host).
 BRIDGE_CONFIG_PATH = "/etc/deploykit/bridge.yaml"
 
@@ -650,7 +670,14 @@ def render_compose(cell: Cell, options: StackOptions | None = None) -> str:
         bridge_image=bridge_tag(options.image_version),
         broker_image=broker_tag(options.image_version),
         engine_command=engine_args(cell, options),
-        engine_environment={**ENGINE_ENVIRONMENT, **(CPU_ENGINE_ENVIRONMENT if cpu else {})},
+        engine_environments={
+            r.engine: {
+                **ENGINE_ENVIRONMENT,
+                **(CPU_ENGINE_ENVIRONMENT if cpu else {}),
+                **({CPU_BIND_VARIABLE: bind} if cpu and bind else {}),
+            }
+            for r, bind in zip(replicas, cpu_binds(options), strict=True)
+        },
         bridge_environments={
             r.bridge: bridge_environment(
                 options,

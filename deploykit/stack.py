@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import re
 import shutil
 import stat
@@ -294,6 +295,7 @@ def plan_up(
         worker_name=request.worker_name,
         broker_url=request.broker_url,
         redis_url=request.redis_url,
+        host_cpus=os.cpu_count() if cls is GpuClass.CPU and replicas > 1 else None,
     )
     if request.worker_name is not None and (tls or request.redis_port is not None):
         raise UsageError(

@@ -21,7 +21,11 @@ GOLDEN = REPO / "tests" / "golden" / "stacks"
 
 FOUR_GPUS = tuple(f"GPU-0000000{i}-2222-3333-4444-555555555555" for i in range(4))
 CASES = {
-    "replicas-none-cpu-x2": ("none", "cpu", render.StackOptions(replicas=2, secrets_dir="/s")),
+    "replicas-none-cpu-x2": (
+        "none",
+        "cpu",
+        render.StackOptions(replicas=2, secrets_dir="/s", host_cpus=2),
+    ),
     "replicas-fp8-cuda-fp8-2x2gpu": (
         "fp8",
         "cuda-fp8",
@@ -228,3 +232,21 @@ def test_worker_bundle_round_trips_owner_only(tmp_path: Path) -> None:
     (out / "redis_password").unlink()
     with pytest.raises(UsageError):
         credentials.read_worker_bundle(out)
+
+
+@pytest.mark.parametrize(
+    ("replicas", "cpus", "binds"),
+    [
+        (2, 2, ["0", "1"]),
+        (2, 8, ["0-3", "4-7"]),
+        (3, 8, ["0-1", "2-3", "4-5"]),
+        (1, 8, [None]),  # one engine: vLLM's own binding
+        (3, 2, [None, None, None]),  # fewer cores than engines: no share for each
+        (2, None, [None, None]),  # the host's CPUs unknown
+    ],
+)
+def test_cpu_replicas_compute_on_their_own_cores(
+    replicas: int, cpus: int | None, binds: list[str | None]
+) -> None:
+    options = render.StackOptions(replicas=replicas, host_cpus=cpus)
+    assert render.cpu_binds(options) == binds
