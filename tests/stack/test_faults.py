@@ -56,14 +56,20 @@ def faulty(
 
 
 def run_with_fault(
-    record: stack.StackRecord, fault: str, duration_s: float = 24.0, project: str = "soak"
+    record: stack.StackRecord,
+    fault: str,
+    duration_s: float = 24.0,
+    project: str = "soak",
+    recovery_s: float = 400.0,
 ) -> soak.SoakReport:
+    """``fault`` once, mid-run, under load; the stack must be healthy again within
+    ``recovery_s``."""
     docker = Docker.connect()
     target = health.StackTarget(record, docker, project=project)
 
     def wait_healthy() -> float | None:
         results, waited = health.wait_healthy(
-            lambda: health.default_checks(target), timeout_s=400, pause_s=2.0
+            lambda: health.default_checks(target), timeout_s=recovery_s, pause_s=2.0
         )
         return waited if all(r.passed for r in results) else None
 

@@ -19,8 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from deploykit import build, stack, top
+from deploykit import build, health, stack, top
 from deploykit.docker import Docker
+from deploykit.health.layers import Layer
 from deploykit.mqttclient import Credentials, parse_broker_url
 from deploykit.mqttclient import request as mqtt_request
 from deploykit.ports import BRIDGE_HTTP_PORT
@@ -135,14 +136,31 @@ def test_two_replicas_share_200_requests_and_sessions_keep_their_history(
         assert all(b > a for a, b in itertools.pairwise(seen)), (i, seen)
 
 
+def recovery_limit_s(rec: stack.StackRecord, service: str) -> float:
+    """How long the stack may take to be healthy again after ``service``'s process died: what its
+    own HEALTHCHECK allows a restart (the start period, then retries x interval before Docker
+    calls it unhealthy: 315 s for the cpu engine, whose restart competes with the load on the
+    other replica), then one round of every health layer at its own timeout."""
+    docker = Docker.connect()
+    target = health.StackTarget(rec, docker, project="general")
+    check = docker.container_attrs(target.container(service))["Config"]["Healthcheck"]
+    start_s = (check["StartPeriod"] + check["Retries"] * check["Interval"]) / 1e9
+    layers = health.default_checks(target)
+    return start_s + sum(c.timeout_s for c in layers if isinstance(c, Layer))
+
+
 @pytest.mark.parametrize("fault", ["bridge-kill", "engine-kill"])
 def test_killing_one_replica_mid_run_loses_nothing(where: list[str], fault: str) -> None:
     if os.geteuid() != 0:
         pytest.skip("the crash faults kill container processes from the host: needs root")
-    # 40 s of load: two CPU engines on the same cores answer about half as fast as one
-    report = run_with_fault(record(where), fault, duration_s=40.0, project="general")
+    rec = record(where)
+    limit = recovery_limit_s(rec, fault.split("-")[0])
+    # 40 s of load around the kill: the load goes on while the killed part restarts
+    report = run_with_fault(rec, fault, duration_s=40.0, project="general", recovery_s=limit)
     assert report.requests >= 200, f"only {report.requests} requests: the load did not run"
-    assert report.faults[0].recovered_s is not None, f"the stack did not recover from {fault}"
+    assert report.faults[0].recovered_s is not None, (
+        f"the stack did not recover from {fault} within {limit:.0f} s"
+    )
     assert not report.lost, f"{len(report.lost)} requests lost: {report.lost[:5]}"
     assert not report.failed, f"non-retryable errors: {report.failed}"
     # what a replica answered before it died is in Redis: a repeat is not generated again
