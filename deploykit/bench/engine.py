@@ -18,7 +18,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -174,20 +174,27 @@ class ServeEngine:
             ) from None
 
 
-def _read_lines(proc: subprocess.Popen[bytes], on_line: OnLine) -> str | None:
-    """Hand each JSON line to ``on_line``; the ``fatal`` message if one came. The helper is
-    killed when this is interrupted (Ctrl-C) or a line is not JSON."""
-    assert proc.stdout is not None
+def read_job_lines(lines: Iterable[bytes | str], on_line: OnLine) -> str | None:
+    """Hand each JSON line a helper prints to ``on_line``; returns its ``fatal`` message, if one
+    came (a line that is not JSON raises json.JSONDecodeError)."""
     fatal: str | None = None
+    for raw in lines:
+        if not raw.strip():
+            continue
+        item = json.loads(raw)
+        if "fatal" in item:
+            fatal = str(item["fatal"])
+            continue
+        on_line(item)
+    return fatal
+
+
+def _read_lines(proc: subprocess.Popen[bytes], on_line: OnLine) -> str | None:
+    """read_job_lines on the helper process's output; the helper is killed when this is
+    interrupted (Ctrl-C) or a line is not JSON."""
+    assert proc.stdout is not None
     try:
-        for raw in proc.stdout:
-            if not raw.strip():
-                continue
-            item = json.loads(raw)
-            if "fatal" in item:
-                fatal = str(item["fatal"])
-                continue
-            on_line(item)
+        return read_job_lines(proc.stdout, on_line)
     except BaseException as err:
         proc.kill()
         proc.wait()
@@ -197,4 +204,3 @@ def _read_lines(proc: subprocess.Popen[bytes], on_line: OnLine) -> str | None:
                 "this is a bug in deploykit; please report it",
             ) from None
         raise
-    return fatal

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import deploykit
+from deploykit.bench.engine import read_job_lines
 from deploykit.errors import CheckFailed, DockerError
 from deploykit.ports import ENGINE_PORT
 from deploykit.secrets import SecretsFolder
@@ -119,16 +120,8 @@ def run_job(
             user=f"{os.getuid()}:{os.getgid()}",
             labels={HELPER_LABEL: net.stack},
         )
-        fatal: str | None = None
         try:
-            for line in docker.output_lines(container):
-                if not line.strip():
-                    continue
-                item = json.loads(line)
-                if "fatal" in item:
-                    fatal = str(item["fatal"])
-                    continue
-                on_line(item)
+            fatal = read_job_lines(docker.output_lines(container), on_line)
         except BaseException:  # interrupted (Ctrl-C) or failed: the helper goes at once
             docker.remove_container(container.id)
             raise
