@@ -7,7 +7,9 @@
 - ``--json``: print JSON instead of a table;
 - ``--wheelhouse``: a folder of wheels that builds install from instead of the host's cached ones
   (build, base-images, up);
-- ``--wait``/``--timeout``: wait until every health check passes, at most this long (up, health).
+- ``--wait``/``--timeout``: wait until every health check passes, at most this long (up, health);
+- ``--max-model-len``, ``--gpu-memory-utilization``, ``--kv-cache-dtype``, ``--reasoning-parser``,
+  ``--bridge-config``: the engine's and the bridge's settings (up, serve).
 """
 
 from __future__ import annotations
@@ -107,3 +109,42 @@ def program() -> str:
             return str(argv0.resolve().relative_to(Path.cwd().resolve()))
         return str(argv0)
     return f"{sys.executable} -m deploykit"
+
+
+# --- the engine's and the bridge's settings: up and serve -----------------------------------------
+
+
+def max_model_len_option() -> Any:
+    return typer.Option(
+        None, "--max-model-len", help="Context length (e.g. 8192, 32k); default: the model's."
+    )
+
+
+def gpu_memory_utilization_option() -> Any:
+    return typer.Option(
+        None, "--gpu-memory-utilization", help="Fraction of each GPU's memory for vLLM (0.92)."
+    )
+
+
+def kv_cache_dtype_option() -> Any:
+    return typer.Option(
+        None, "--kv-cache-dtype", help="auto, fp8 (halves KV memory), ... (default: the method's)."
+    )
+
+
+def reasoning_parser_option() -> Any:
+    return typer.Option(
+        None,
+        "--reasoning-parser",
+        help="vLLM reasoning parser for <think> models (e.g. deepseek_r1, qwen3).",
+    )
+
+
+def bridge_config_option() -> Any:
+    return typer.Option(
+        None,
+        "--bridge-config",
+        exists=True,
+        dir_okay=False,
+        help="YAML with per-project settings (system prompt, limits, overrides, rate limit).",
+    )

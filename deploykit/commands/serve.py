@@ -80,25 +80,11 @@ def register(app: typer.Typer) -> None:
             show_default=False,
         ),
         state_dir: Path = options.state_dir_option(),
-        max_model_len: str | None = typer.Option(
-            None, "--max-model-len", help="Context length (e.g. 8192, 32k); default: the model's."
-        ),
-        gpu_memory_utilization: float | None = typer.Option(
-            None, "--gpu-memory-utilization", help="Fraction of each GPU's memory for vLLM (0.92)."
-        ),
-        kv_cache_dtype: str | None = typer.Option(
-            None, "--kv-cache-dtype", help="auto, fp8, ... (default: the method's)."
-        ),
-        reasoning_parser: str | None = typer.Option(
-            None, "--reasoning-parser", help="vLLM reasoning parser for <think> models."
-        ),
-        bridge_config: Path | None = typer.Option(
-            None,
-            "--bridge-config",
-            exists=True,
-            dir_okay=False,
-            help="YAML with per-project settings (system prompt, limits, overrides, rate limit).",
-        ),
+        max_model_len: str | None = options.max_model_len_option(),
+        gpu_memory_utilization: float | None = options.gpu_memory_utilization_option(),
+        kv_cache_dtype: str | None = options.kv_cache_dtype_option(),
+        reasoning_parser: str | None = options.reasoning_parser_option(),
+        bridge_config: Path | None = options.bridge_config_option(),
         force: bool = options.force_option(
             "Start even when the pre-flight gate refuses (GPU, driver, checkpoint, memory)."
         ),
