@@ -493,7 +493,10 @@ def test_a_network_cut_longer_than_three_keepalives_loses_nothing_and_generates_
     both ends notice only by their keepalives. Requests sent before and during the cut are all
     answered once the link is back, and none is generated twice: replies made during the cut are
     sent after the reconnect, and the broker's redelivery of their requests is acknowledged without
-    answering them again."""
+    generating them again. A request whose PUBACK the bridge wrote into the cut link (its reply's
+    PUBACK had come just before the cut) comes back from the broker as new: the bridge cannot
+    know that PUBACK was lost, so it answers it again from the de-duplication cache (counted as a
+    duplicate) -- at most one per session, since a session has one request in flight at a time."""
     b = broker_factory()
     link = Blackhole(b.port)
     try:
@@ -530,7 +533,8 @@ def test_a_network_cut_longer_than_three_keepalives_loses_nothing_and_generates_
         text = bridge.metrics()
         generated = _metric(text, 'deploykit_bridge_requests_total{project="cut",status="ok"}')
         assert generated == len(ids), f"{generated} generations for {len(ids)} requests"
-        assert _metric(text, "deploykit_bridge_duplicates_total") == 0
+        sessions = len({i % 8 for i in range(len(ids))})
+        assert _metric(text, "deploykit_bridge_duplicates_total") <= sessions
         print(
             f"\nredelivered during the reconnect: {_metric(text, 'deploykit_bridge_redelivered_total'):.0f}"
         )

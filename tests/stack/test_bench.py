@@ -172,7 +172,9 @@ def test_ctrl_c_keeps_what_was_measured(
 ) -> None:
     out = tmp_path / "interrupted"
     proc = start(
-        "bench", *where, "--concurrency", "1,2", "--requests", "6", "--max-tokens", "32",
+        # long enough runs (~5 s each at c=1 on the demo model) that the signal lands in the
+        # one after the first: with 6 requests the whole benchmark once ended within that second
+        "bench", *where, "--concurrency", "1,2", "--requests", "30", "--max-tokens", "64",
         "--overhead-requests", "0", "--out", str(out),
     )  # fmt: skip
     assert proc.stderr is not None
@@ -188,7 +190,7 @@ def test_ctrl_c_keeps_what_was_measured(
     assert "interrupted: the files hold what was measured" in rest
     data = json.loads((out / "results.json").read_text())
     assert data["interrupted"] is True
-    assert data["runs"][0]["path"] == "mqtt" and data["runs"][0]["requests"] == 6
+    assert data["runs"][0]["path"] == "mqtt" and data["runs"][0]["requests"] == 30
     assert all(r["concurrency"] == 1 for r in data["runs"])
     assert "**interrupted**" in (out / "results.md").read_text()
     docker = Docker.connect()
