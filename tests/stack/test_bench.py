@@ -47,12 +47,16 @@ def cli(*args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
 
 
 def start(*args: str) -> subprocess.Popen[str]:
+    """The CLI as a user starts it from a terminal: SIGINT at its default (Ctrl-C stops it), also
+    when these tests run in a background job, which inherits SIGINT ignored (and Python then
+    installs no KeyboardInterrupt for it)."""
     return subprocess.Popen(
         [sys.executable, "-m", "deploykit", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, "COLUMNS": "200"},
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
 
 
