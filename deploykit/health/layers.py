@@ -13,12 +13,16 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 from deploykit import mqttclient, names
 from deploykit.checks import Check, CheckResult, failed, ok, skipped
 from deploykit.health.base import StackTarget
 from deploykit.ports import ENGINE_PORT
+
+if TYPE_CHECKING:
+    from deploykit.render import Replica
 
 
 class Layer:
@@ -299,14 +303,7 @@ def default_checks(target: StackTarget) -> list[Check]:
         ]
     pairs = target.record.replica_pairs()
     if target.record.worker_name is not None:
-        checks: list[Check] = []
-        for layer in (
-            EngineContainerCheck,
-            EngineHealthCheck,
-            EngineModelsCheck,
-            EngineCompletionCheck,
-        ):
-            checks += [layer(target, service=p.engine, label=p.engine) for p in pairs]
+        checks = _engine_layers(target, pairs)
         checks += [BridgeContainerCheck(target, service=p.bridge, label=p.bridge) for p in pairs]
         return checks
     if len(pairs) == 1:
@@ -320,13 +317,21 @@ def default_checks(target: StackTarget) -> list[Check]:
             BridgeProbeCheck(target),
         ]
     checks = [BrokerCheck(target), RedisContainerCheck(target, service="redis")]
-    for layer in (
-        EngineContainerCheck,
-        EngineHealthCheck,
-        EngineModelsCheck,
-        EngineCompletionCheck,
-    ):
-        checks += [layer(target, service=p.engine, label=p.engine) for p in pairs]
+    checks += _engine_layers(target, pairs)
     checks += [BridgeStatusCheck(target, service=p.bridge_name, label=p.bridge) for p in pairs]
     checks.append(BridgeProbeCheck(target))
     return checks
+
+
+def _engine_layers(target: StackTarget, pairs: Sequence[Replica]) -> list[Check]:
+    """Each engine layer, bottom to top, for every replica's engine."""
+    return [
+        layer(target, service=p.engine, label=p.engine)
+        for layer in (
+            EngineContainerCheck,
+            EngineHealthCheck,
+            EngineModelsCheck,
+            EngineCompletionCheck,
+        )
+        for p in pairs
+    ]
