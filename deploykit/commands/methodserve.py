@@ -21,7 +21,7 @@ from pathlib import Path
 from deploykit import health, stack
 from deploykit.bench import methods
 from deploykit.bench.limits import BENCH_PROJECT
-from deploykit.errors import CheckFailed
+from deploykit.errors import CheckFailed, UsageError
 from deploykit.serve.processes import tail
 
 #: Seconds serve may take to stop its processes after SIGTERM (its own --grace is 30 s each).
@@ -122,7 +122,7 @@ def _wait_healthy(
             )
         try:
             record = stack.load_record(folder)
-        except Exception:  # not written yet (serve records once its broker has started)
+        except (UsageError, OSError, ValueError, KeyError):  # not written yet, or half written
             record = None
         if record is not None and record.serve is not None:
             target = health.StackTarget(record, None, project=BENCH_PROJECT)
