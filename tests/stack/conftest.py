@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -86,6 +88,20 @@ def vllm_base(docker_api: object, timings: Stopwatch) -> str:
     what = "built" if result.built else "reused"
     timings.mark(f"{result.name} {what} ({result.size_bytes / 1e9:.2f} GB)", result.seconds)
     return result.name
+
+
+def cli(
+    *args: str, cwd: Path | None = None, timeout: float = 900
+) -> subprocess.CompletedProcess[str]:
+    """The deploykit CLI as a user runs it; its output captured, its exit status not checked."""
+    return subprocess.run(
+        [sys.executable, "-m", "deploykit", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
+        check=False,
+    )
 
 
 def free_port() -> int:

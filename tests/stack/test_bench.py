@@ -26,24 +26,13 @@ from deploykit import build, stack
 from deploykit.bench.enginenet import HELPER_LABEL
 from deploykit.docker import Docker
 
-from .conftest import free_port
+from .conftest import cli, free_port
 from .test_stack_e2e import built  # noqa: F401  (the session's images, built once)
 
 pytestmark = pytest.mark.integration
 
 NAME = "dktest-bench"
 SMALL = ["--concurrency", "1,2", "--requests", "4", "--max-tokens", "16"]
-
-
-def cli(*args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "deploykit", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-        env={**os.environ, "COLUMNS": "200"},
-    )
 
 
 def start(*args: str) -> subprocess.Popen[str]:

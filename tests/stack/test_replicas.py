@@ -11,8 +11,6 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,7 +25,7 @@ from deploykit.mqttclient import request as mqtt_request
 from deploykit.ports import BRIDGE_HTTP_PORT
 from deploykit.secrets import SecretsFolder
 
-from .conftest import free_port
+from .conftest import cli, free_port
 from .test_faults import run_with_fault
 from .test_stack_e2e import built  # noqa: F401  (the session's images, built once)
 
@@ -35,13 +33,6 @@ pytestmark = pytest.mark.integration
 
 NAME = "dktest-replicas"
 REPO = Path(__file__).resolve().parents[2]
-
-
-def cli(*args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "deploykit", *args],
-        capture_output=True, text=True, timeout=timeout, check=False,
-    )  # fmt: skip
 
 
 @pytest.fixture(scope="module")

@@ -28,21 +28,11 @@ from deploykit.mqttclient import Credentials, parse_broker_url
 from deploykit.mqttclient import request as mqtt_request
 from deploykit.secrets import SecretsFolder
 
-from .conftest import WHEELHOUSE, Stopwatch, free_port
+from .conftest import WHEELHOUSE, Stopwatch, cli, free_port
 
 pytestmark = pytest.mark.integration
 
 NAME = "dktest-e2e"
-
-
-def cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "deploykit", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
 
 
 @pytest.fixture(scope="session")

@@ -14,8 +14,6 @@ import itertools
 import json
 import os
 import stat
-import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,20 +27,13 @@ from deploykit.mqttclient import request as mqtt_request
 from deploykit.ports import BRIDGE_HTTP_PORT
 from deploykit.secrets import WORKER_SECRETS, SecretsFolder
 
-from .conftest import free_port
+from .conftest import cli, free_port
 from .test_stack_e2e import built  # noqa: F401  (the session's images, built once)
 
 pytestmark = pytest.mark.integration
 
 BROKER, WORKER = "dktest-brokerhost", "dktest-workerhost"
 REPO = Path(__file__).resolve().parents[2]
-
-
-def cli(*args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "deploykit", *args],
-        capture_output=True, text=True, timeout=timeout, check=False,
-    )  # fmt: skip
 
 
 @pytest.fixture(scope="module")
