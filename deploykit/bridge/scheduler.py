@@ -54,6 +54,8 @@ class FairScheduler:
     ) -> None:
         self.slots = slots
         self.free = slots
+        #: The most engine slots held at once since start (a gauge of what the engine batched).
+        self.peak_active = 0
         self._caps = dict(caps or {})
         self._clock = clock
         self._projects: dict[str, _Project] = {}
@@ -119,6 +121,7 @@ class FairScheduler:
             project.queued -= 1
             project.running += 1
             self.free -= 1
+            self.peak_active = max(self.peak_active, self.active)
             task = asyncio.get_running_loop().create_task(
                 self._run(project, session, job, self._clock() - queued_at)
             )

@@ -347,6 +347,7 @@ class Bridge:
             gauges={
                 "sessions": len(self.sessions),
                 "active": self.scheduler.active,
+                "active_peak": self.scheduler.peak_active,
                 "mqtt_connected": float(self.mqtt_connected),
                 "engine_up": float(self.engine_ok),
                 "dedupe_entries": len(self.dedupe),

@@ -256,6 +256,8 @@ def test_session_order_and_cross_session_concurrency() -> None:
         scheduler.submit(("p", "a"), job("a3", 0.0))
         await asyncio.sleep(0.2)
         assert scheduler.active == 0 and not scheduler.busy(("p", "a"))
+        # the high-water mark the bridge exports (deploykit_bridge_active_peak) saw both at once
+        assert scheduler.peak_active == 2
         return log, running
 
     log, running = asyncio.run(main())
