@@ -123,13 +123,7 @@ class ServeEngine:
         from deploykit.bridge.config import load_config
 
         config = load_config(self.record.bridge_config)
-        return limits.ProjectSettings.from_config(
-            project,
-            {
-                "project": config.project(project).model_dump(mode="json"),
-                "bridge": config.bridge.model_dump(mode="json"),
-            },
-        )
+        return limits.ProjectSettings.from_config(project, limits.settings_data(config, project))
 
     def run_job(self, job: dict[str, Any], on_line: OnLine) -> None:
         key = self.serve.engine_api_key_file

@@ -15,11 +15,14 @@ from __future__ import annotations
 import copy
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from deploykit.errors import CheckFailed
+
+if TYPE_CHECKING:
+    from deploykit.bridge.config import BridgeConfig
 
 #: The project ``deploykit bench`` uses when the stack serves it.
 BENCH_PROJECT = "bench"
@@ -152,14 +155,24 @@ def refusal_hint(stack: str, projects: tuple[str, ...], project: str = BENCH_PRO
 
 # --- the edge: the running bridge's own view of a project's settings ---------------------------
 
+
+def settings_data(config: BridgeConfig, project: str) -> dict[str, Any]:
+    """What :meth:`ProjectSettings.from_config` reads, from a bridge config as a bridge loads it
+    (its defaults merged): the same for a compose stack's bridge (run inside its container, below)
+    and a ``deploykit serve`` instance's (here)."""
+    return {
+        "project": config.project(project).model_dump(mode="json"),
+        "bridge": config.bridge.model_dump(mode="json"),
+    }
+
+
 _READ = """
 import json, os, sys
 from pathlib import Path
+from deploykit.bench.limits import settings_data
 from deploykit.bridge.config import load_config
 path = os.environ.get("DEPLOYKIT_BRIDGE_CONFIG")
-config = load_config(Path(path) if path else None)
-print(json.dumps({"project": config.project(sys.argv[1]).model_dump(mode="json"),
-                  "bridge": config.bridge.model_dump(mode="json")}))
+print(json.dumps(settings_data(load_config(Path(path) if path else None), sys.argv[1])))
 """
 
 

@@ -21,7 +21,6 @@ from deploykit.bench import compare, engine, methods, prompts
 from deploykit.commands import options
 from deploykit.commands.methodstacks import method_stack
 from deploykit.commands.stack import free_port
-from deploykit.devices import GPU_SPEC_HELP
 from deploykit.docker import Docker
 from deploykit.errors import UnsupportedError, UsageError
 
@@ -94,13 +93,7 @@ def register(app: typer.Typer) -> None:
     def compare_cmd(
         baseline: str = typer.Option(..., "--baseline", help=f"The reference. {SIDE_HELP}"),
         candidate: str = typer.Option(..., "--candidate", help=f"Compared with it. {SIDE_HELP}"),
-        model: str | None = typer.Option(
-            None,
-            "--model",
-            help="For the methods' stacks: one model for both (folder or Hub id), or one per "
-            "method (none=DIR,awq=DIR; AWQ and GPTQ need their own pre-quantized checkpoints).",
-            show_default=False,
-        ),
+        model: str | None = options.methods_model_option("For the methods' stacks"),
         prompts_file: Path | None = typer.Option(
             None,
             "--prompts",
@@ -116,21 +109,12 @@ def register(app: typer.Typer) -> None:
             help="Folder for compare.json and compare.md. Default: bench-results/compare-<time>.",
             show_default=False,
         ),
-        gpus: str | None = typer.Option(
-            None, "--gpus", help=f"For the methods' stacks: {GPU_SPEC_HELP}", show_default=False
-        ),
+        gpus: str | None = options.methods_gpus_option("For the methods' stacks"),
         gpu_class: str | None = options.gpu_class_option(
             " For the methods' stacks; default: the GPUs'."
         ),
-        mqtt_port: int | None = typer.Option(
-            None,
-            "--mqtt-port",
-            help="The methods' stacks' MQTT port. Default: a free one from 18830.",
-            show_default=False,
-        ),
-        timeout: float = typer.Option(
-            900.0, "--timeout", help="Seconds a method's stack may take to be healthy."
-        ),
+        mqtt_port: int | None = options.methods_mqtt_port_option("For the methods' stacks"),
+        timeout: float = options.methods_timeout_option("For the methods' stacks"),
         name: str | None = typer.Option(
             None,
             "--name",

@@ -9,7 +9,9 @@
   (build, base-images, up);
 - ``--wait``/``--timeout``: wait until every health check passes, at most this long (up, health);
 - ``--max-model-len``, ``--gpu-memory-utilization``, ``--kv-cache-dtype``, ``--reasoning-parser``,
-  ``--bridge-config``: the engine's and the bridge's settings (up, serve).
+  ``--bridge-config``: the engine's and the bridge's settings (up, serve);
+- ``--model``, ``--gpus``, ``--mqtt-port``, ``--timeout`` of the stacks that ``bench --methods``
+  and ``compare`` start for methods.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any
 import typer
 
 from deploykit import hoststacks, matrix, stack
+from deploykit.devices import GPU_SPEC_HELP
 from deploykit.errors import UsageError
 
 NAME_HELP = (
@@ -77,6 +80,38 @@ def quant_option(default: str | None = "none", extra: str = "") -> Any:
 
 def gpu_class_option(extra: str = "") -> Any:
     return typer.Option(None, "--gpu-class", "-c", help=f"{GPU_CLASS_HELP}.{extra}")
+
+
+# --- the stacks bench --methods and compare start for methods; ``when`` says when the option applies
+
+
+def methods_model_option(when: str) -> Any:
+    return typer.Option(
+        None,
+        "--model",
+        help=f"{when}: one model for all (folder or Hub id), or one per method (none=DIR,awq=DIR; "
+        "AWQ and GPTQ need their own pre-quantized checkpoints).",
+        show_default=False,
+    )
+
+
+def methods_gpus_option(when: str) -> Any:
+    return typer.Option(None, "--gpus", help=f"{when}: {GPU_SPEC_HELP}", show_default=False)
+
+
+def methods_mqtt_port_option(when: str) -> Any:
+    return typer.Option(
+        None,
+        "--mqtt-port",
+        help=f"{when}: the stacks' MQTT port. Default: a free one from 18830.",
+        show_default=False,
+    )
+
+
+def methods_timeout_option(when: str) -> Any:
+    return typer.Option(
+        900.0, "--timeout", help=f"{when}: seconds each method's stack may take to be healthy."
+    )
 
 
 def find(name: str | None, state_dir: Path) -> stack.StackRecord:

@@ -15,7 +15,6 @@ from deploykit.bench import limits, output, plot
 from deploykit.commands import options
 from deploykit.commands.bench.methods import bench_methods
 from deploykit.commands.bench.show import default_out, err, finish, make_load, measure
-from deploykit.devices import GPU_SPEC_HELP
 from deploykit.docker import Docker
 from deploykit.errors import UsageError
 
@@ -99,26 +98,11 @@ def register(app: typer.Typer) -> None:
             "reason. --name is then the stacks' name prefix (default: bench).",
             show_default=False,
         ),
-        model: str | None = typer.Option(
-            None,
-            "--model",
-            help="With --methods: one model for all (folder or Hub id), or one per method "
-            "(none=DIR,awq=DIR; AWQ and GPTQ need their own pre-quantized checkpoints).",
-            show_default=False,
-        ),
-        gpus: str | None = typer.Option(
-            None, "--gpus", help=f"With --methods: {GPU_SPEC_HELP}", show_default=False
-        ),
+        model: str | None = options.methods_model_option("With --methods"),
+        gpus: str | None = options.methods_gpus_option("With --methods"),
         gpu_class: str | None = options.gpu_class_option(" With --methods; default: the GPUs'."),
-        mqtt_port: int | None = typer.Option(
-            None,
-            "--mqtt-port",
-            help="With --methods: the stacks' MQTT port. Default: a free one from 18830.",
-            show_default=False,
-        ),
-        timeout: float = typer.Option(
-            900.0, "--timeout", help="With --methods: seconds each stack may take to be healthy."
-        ),
+        mqtt_port: int | None = options.methods_mqtt_port_option("With --methods"),
+        timeout: float = options.methods_timeout_option("With --methods"),
         serve: bool = typer.Option(
             False,
             "--serve",
