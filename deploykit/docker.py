@@ -20,6 +20,7 @@ from docker.types import DeviceRequest, Mount
 from requests.exceptions import ConnectionError as RequestsConnectionError
 from requests.exceptions import ReadTimeout
 
+from deploykit import interrupts
 from deploykit.errors import DockerError
 
 ProgressFn = Callable[[str], None]
@@ -194,9 +195,10 @@ class Docker:
         container: Container | None = None
         log: list[str] = []
         try:
-            container = self.client.containers.create(
-                image, command=command, network_mode="bridge", volumes=volumes
-            )
+            with interrupts.held():  # a Ctrl-C now lands once it is known (removed below)
+                container = self.client.containers.create(
+                    image, command=command, network_mode="bridge", volumes=volumes
+                )
             container.start()
             for chunk in container.logs(stream=True, follow=True):
                 for line in chunk.decode(errors="replace").splitlines():

@@ -21,8 +21,9 @@ import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import IO, Any, Protocol
 
+from deploykit import interrupts
 from deploykit.bench import limits
 from deploykit.errors import CheckFailed, UsageError
 from deploykit.serve.record import ServeState
@@ -140,13 +141,8 @@ class ServeEngine:
             if key.is_file():
                 env["DEPLOYKIT_ENGINE_API_KEY_FILE"] = str(key)
             with (folder / "stderr").open("wb") as stderr:
-                proc = subprocess.Popen(
-                    [sys.executable, "-m", "deploykit.bench.helper", str(job_file)],
-                    stdout=subprocess.PIPE,
-                    stderr=stderr,
-                    env=env,
-                )
-                fatal = _read_lines(proc, on_line)
+                argv = [sys.executable, "-m", "deploykit.bench.helper", str(job_file)]
+                proc, fatal = _run_helper(argv, stderr, env, on_line)
             status = proc.wait()
             if fatal is not None or status != 0:
                 tail = (folder / "stderr").read_text(errors="replace").strip()[-500:]
@@ -183,15 +179,21 @@ def read_job_lines(lines: Iterable[bytes | str], on_line: OnLine) -> str | None:
     return fatal
 
 
-def _read_lines(proc: subprocess.Popen[bytes], on_line: OnLine) -> str | None:
-    """read_job_lines on the helper process's output; the helper is killed when this is
-    interrupted (Ctrl-C) or a line is not JSON."""
-    assert proc.stdout is not None
+def _run_helper(
+    argv: list[str], stderr: IO[bytes], env: dict[str, str], on_line: OnLine
+) -> tuple[subprocess.Popen[bytes], str | None]:
+    """Start the helper process and hand its lines to read_job_lines; the helper is killed when
+    this is interrupted (Ctrl-C, also while it starts) or a line is not JSON."""
+    proc = None
     try:
-        return read_job_lines(proc.stdout, on_line)
+        with interrupts.held():  # a Ctrl-C now lands once the process is known, below
+            proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=stderr, env=env)
+        assert proc.stdout is not None
+        return proc, read_job_lines(proc.stdout, on_line)
     except BaseException as err:
-        proc.kill()
-        proc.wait()
+        if proc is not None:
+            proc.kill()
+            proc.wait()
         if isinstance(err, json.JSONDecodeError):
             raise CheckFailed(
                 f"the bench helper printed something that is not JSON: {err}",

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import deploykit
+from deploykit import interrupts
 from deploykit.bench.engine import read_job_lines
 from deploykit.errors import CheckFailed, DockerError
 from deploykit.ports import ENGINE_PORT
@@ -110,20 +111,23 @@ def run_job(
         if net.api_key_file is not None:
             mounts.append((net.api_key_file, _KEY))
             env["DEPLOYKIT_ENGINE_API_KEY_FILE"] = _KEY
-        container = docker.start_helper(
-            net.image,
-            ["python3", "-m", "deploykit.bench.helper", f"{_JOB}/job.json"],
-            name=f"{net.stack}-bench-{uuid.uuid4().hex[:8]}",
-            network=net.network,
-            mounts=mounts,
-            environment=env,
-            user=f"{os.getuid()}:{os.getgid()}",
-            labels={HELPER_LABEL: net.stack},
-        )
+        container = None
         try:
+            with interrupts.held():  # a Ctrl-C now lands once the helper is known, below
+                container = docker.start_helper(
+                    net.image,
+                    ["python3", "-m", "deploykit.bench.helper", f"{_JOB}/job.json"],
+                    name=f"{net.stack}-bench-{uuid.uuid4().hex[:8]}",
+                    network=net.network,
+                    mounts=mounts,
+                    environment=env,
+                    user=f"{os.getuid()}:{os.getgid()}",
+                    labels={HELPER_LABEL: net.stack},
+                )
             fatal = read_job_lines(docker.output_lines(container), on_line)
         except BaseException:  # interrupted (Ctrl-C) or failed: the helper goes at once
-            docker.remove_container(container.id)
+            if container is not None:
+                docker.remove_container(container.id)
             raise
         status, stderr = docker.finish(container)
         if fatal is not None or status != 0:

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from deploykit import health, stack
+from deploykit import health, interrupts, stack
 from deploykit.bench import methods
 from deploykit.bench.limits import BENCH_PROJECT
 from deploykit.errors import CheckFailed, UsageError
@@ -92,18 +92,21 @@ def method_serve(
         f"{plan.cell.gpu_class}, model {argv[argv.index('--model') + 1]!r}; its output: {out})"
     )
     start = time.monotonic()
-    with out.open("ab") as log:
-        proc = subprocess.Popen(
-            argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )  # fmt: skip
+    proc = None
     try:
+        # a Ctrl-C now lands once serve's process is known, so it is stopped below
+        with out.open("ab") as log, interrupts.held():
+            proc = subprocess.Popen(
+                argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )  # fmt: skip
         record = _wait_healthy(proc, plan.folder, out, timeout + 120.0)
         say(f"{mp.method}: healthy {time.monotonic() - start:.0f} s after start")
         yield record
     finally:
-        _stop(proc)
-        say(f"{mp.method}: serve {plan.name!r} stopped (exit {proc.returncode})")
+        if proc is not None:
+            _stop(proc)
+            say(f"{mp.method}: serve {plan.name!r} stopped (exit {proc.returncode})")
 
 
 def _wait_healthy(

@@ -18,11 +18,13 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 
 from deploykit import build, stack
+from deploykit.bench import enginenet
 from deploykit.bench.enginenet import HELPER_LABEL
 from deploykit.docker import Docker
 
@@ -187,6 +189,30 @@ def test_ctrl_c_keeps_what_was_measured(
     assert all(r["concurrency"] == 1 for r in data["runs"])
     assert "**interrupted**" in (out / "results.md").read_text()
     docker = Docker.connect()
+    assert docker.containers({HELPER_LABEL: NAME}) == [], "a helper container was left behind"
+
+
+class InterruptedOnceCreated(Docker):
+    """The real Docker client, but Ctrl-C reaches this process just after the helper container
+    was created and started, before start_helper returns its handle (how CI once left one)."""
+
+    def start_helper(self, *args: Any, **kwargs: Any) -> Any:
+        container = super().start_helper(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGINT)
+        return container
+
+
+def test_ctrl_c_while_the_helper_is_created_leaves_no_helper(
+    bench_stack: stack.StackRecord,
+) -> None:
+    docker = InterruptedOnceCreated.connect()
+    net = enginenet.find(bench_stack, docker)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            enginenet.run_job(docker, net, {"kind": "load"}, lambda _line: None)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert docker.containers({HELPER_LABEL: NAME}) == [], "a helper container was left behind"
 
 
