@@ -18,6 +18,11 @@ Connections and retries:
 - A call that fails before the engine produced anything (connection refused or reset, the server
   closing a kept-alive connection) is retried ``retries`` times with exponential backoff; a stream
   that already gave text is never retried (its text has been published).
+- A stream is read to the end of its body (the chunk after ``[DONE]``): aiohttp returns only a
+  connection whose response was read to the end to its pool and closes any other, so a stream left
+  there made every streamed request open a new connection to the engine. ``connections`` counts the
+  connections opened (a metric: it should stay near the number of requests at once, not grow with
+  the requests).
 """
 
 from __future__ import annotations
@@ -100,6 +105,7 @@ class EngineClient:
         self.retries = retries
         self.retry_backoff_s = retry_backoff_s
         self.retried = 0  # calls retried after a connection failure (a metric)
+        self.connections = 0  # connections to the engine opened (a metric)
         self._max_connections = max_connections
         self._timeout_s = timeout_s
         self._keepalive_s = keepalive_s
@@ -112,7 +118,10 @@ class EngineClient:
     def http(self) -> aiohttp.ClientSession:
         """The session, made on first use (aiohttp needs a running loop)."""
         if self._http is None:
+            opened = aiohttp.TraceConfig()
+            opened.on_connection_create_end.append(self._opened)
             self._http = aiohttp.ClientSession(
+                trace_configs=[opened],
                 base_url=self.base_url,
                 connector=aiohttp.TCPConnector(
                     limit=self._max_connections,
@@ -127,6 +136,9 @@ class EngineClient:
                 raise_for_status=False,
             )
         return self._http
+
+    async def _opened(self, *_: object) -> None:
+        self.connections += 1
 
     async def aclose(self) -> None:
         if self._http is not None:
@@ -283,6 +295,7 @@ class EngineClient:
                         delta = stream.feed(chunk)
                         if delta:
                             yield delta
+                    await _read_to_the_end(response)
                 break
             except _RETRYABLE as err:
                 if stream.parts:  # text already went out: the stream cannot start again
@@ -291,6 +304,22 @@ class EngineClient:
                     ) from err
                 attempt = await self._backoff(attempt, err)
         yield stream.completion()
+
+
+#: How long to wait for the end of a stream's body after ``[DONE]`` (the server sends it at once).
+_END_WAIT_S = 1.0
+
+
+async def _read_to_the_end(response: aiohttp.ClientResponse) -> None:
+    """Read what follows ``[DONE]`` (the body's last chunk), so the connection goes back to the
+    pool; a body that does not end within a second leaves its connection to be closed."""
+    content = response.content
+    try:
+        async with asyncio.timeout(_END_WAIT_S):
+            while not content.at_eof() and await content.readany():
+                pass
+    except TimeoutError:
+        pass
 
 
 class _SseState:

@@ -354,6 +354,7 @@ class Bridge:
             },
             counters={
                 "engine_retries_total": self.engine.retried,
+                "engine_connections_total": self.engine.connections,
                 "tokenize_calls_total": self.prompts.counted,
                 "redelivered_total": sum(s.redelivered for s in self.mqtt.values()),
             },

@@ -117,6 +117,33 @@ def test_streaming_partials_then_final(client: Client) -> None:
     assert "".join(p["delta"] for p in parts) == final["text"]
 
 
+def engine_connections(bridge: BridgeProcess) -> int:
+    found = re.search(r"^deploykit_bridge_engine_connections_total (\d+)", bridge.metrics(), re.M)
+    assert found, "the bridge has no engine connections metric"
+    return int(found.group(1))
+
+
+def test_streamed_answers_keep_their_engine_connection(
+    client: Client, bridge: BridgeProcess
+) -> None:
+    """The bridge counts the connections it opens to the engine
+    (deploykit_bridge_engine_connections_total): one session's streamed requests, one after
+    another through the real vLLM server, use the kept-alive connection. At most one may open:
+    the kept-alive one closes after 4 s idle (engine_keepalive_s). How a body that ends after
+    ``[DONE]`` is read so its connection stays: tests/bridge/test_engine_client.py."""
+    before = engine_connections(bridge)
+    session = new_session()
+    topic = reply_topic("general", session)
+    for n in range(6):
+        client.publish(
+            "general/user_input",
+            {"sessionId": session, "message": f"tell {n}", "format": "json", "stream": True,
+             "maxTokens": 8, "temperature": 0, "requestId": f"keep-{n}"},
+        )  # fmt: skip
+        assert client.get(60, topic=topic).json()["status"] == "ok"
+    assert engine_connections(bridge) - before <= 1
+
+
 def test_shared_helper_request(bridge: BridgeProcess) -> None:
     reply = request(
         parse_broker_url(bridge.broker.url),
