@@ -72,24 +72,22 @@ class Replies:
         self.metrics.observe_latency(latency, inbound.project)
         status = "error" if is_error else "ok"
         self.metrics.requests[(inbound.project, status)] += 1
-        if routing.reply_topic is None:
+        reply = self.stored(routing, payload, status, code)
+        if reply is None:
             self.drop(inbound, code or "no_reply_topic", f"{code}, and no reply topic is known")
             return None
         if code:
             self.metrics.errors[code] += 1
-        users = [("status", status)]
-        if routing.request_id is not None:
-            users.append(("requestId", routing.request_id))
-        if code:
-            users.append(("errorCode", code))
         json_reply = is_error or routing.format == "json"
         ctype = "application/json" if json_reply else "text/plain; charset=utf-8"
         try:
             future = inbound.session.publish(
-                routing.reply_topic,
+                reply.topic,
                 payload,
                 properties=publish_properties(
-                    correlation=inbound.correlation, content_type=ctype, user_properties=users
+                    correlation=inbound.correlation,
+                    content_type=ctype,
+                    user_properties=reply.user_properties,
                 ),
             )
         except (MqttPublishError, ValueError) as err:  # never a reason to keep the request
@@ -106,7 +104,18 @@ class Replies:
             latency * 1000,
             f" [{code}]" if code else "",
         )
-        return StoredReply(routing.reply_topic, payload, users)
+        return reply
+
+    @staticmethod
+    def stored(
+        routing: Routing, payload: bytes, status: str = "ok", code: str | None = None
+    ) -> StoredReply | None:
+        """The reply ``send`` publishes, as stored for repeats (None: no reply topic); replicas
+        record an ok reply before it is published (a repeat that reaches another replica after
+        this one died must find it)."""
+        if routing.reply_topic is None:
+            return None
+        return StoredReply(routing.reply_topic, payload, reply_properties(routing, status, code))
 
     def reject(self, inbound: Inbound, routing: Routing, code: ErrorCode, message: str) -> None:
         self.send(
@@ -129,3 +138,13 @@ class Replies:
             ),
         )
         self.ack_after(inbound, future)
+
+
+def reply_properties(routing: Routing, status: str, code: str | None) -> list[tuple[str, str]]:
+    """A reply's MQTT 5 user properties: status, requestId, errorCode."""
+    users = [("status", status)]
+    if routing.request_id is not None:
+        users.append(("requestId", routing.request_id))
+    if code:
+        users.append(("errorCode", code))
+    return users

@@ -18,7 +18,7 @@ import contextlib
 import hashlib
 import logging
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -543,6 +543,26 @@ class Bridge:
         request, routing = parsed.request, parsed.routing
         stored: StoredReply | None = None
         history: list[Turn] | None = None
+        dedupe_key: DedupeKey | None = (
+            (inbound.project, request.sessionId, routing.request_id) if routing.request_id else None
+        )
+        session: Session | None = None
+        recorded = False
+
+        async def record(reply: StoredReply) -> None:
+            # before the reply goes out, with the session's new history: if this replica dies
+            # once it is published, the broker's redelivery of the request to another replica is
+            # answered with it (not generated again) and the session's next turn sees this one.
+            # (Without a requestId a redelivery is generated again, so the history waits for the
+            # end of the turn: written before, it would hold the request twice.)
+            nonlocal recorded
+            assert dedupe_key is not None and session is not None
+            try:
+                await shared.answered(dedupe_key, fingerprint(request), reply, session.history)
+                recorded = True
+            except StateUnavailable as err:
+                log.warning("could not record request %s in Redis: %s", routing.request_id, err)
+
         try:
             try:
                 before = await shared.load_history(key)
@@ -555,14 +575,15 @@ class Bridge:
                 )
                 return
             session = Session(key, before)
-            stored = await self._chat(inbound, parsed, session, waited)
-            if session.history is not before:
+            stored = await self._chat(
+                inbound, parsed, session, waited, record if dedupe_key is not None else None
+            )
+            if session.history is not before and not recorded:
                 history = session.history
         finally:
             try:
                 await shared.end_turn(key, place, history)
-                if routing.request_id:
-                    dedupe_key = (inbound.project, request.sessionId, routing.request_id)
+                if dedupe_key is not None and not recorded:
                     await shared.finish(dedupe_key, fingerprint(request), stored)
             except StateUnavailable as err:
                 log.warning("could not record request %s in Redis: %s", routing.request_id, err)
@@ -608,10 +629,16 @@ class Bridge:
 
     # ---------------------------------------------------------------- generation
     async def _chat(
-        self, inbound: Inbound, parsed: Accepted, session: Session, waited: float
+        self,
+        inbound: Inbound,
+        parsed: Accepted,
+        session: Session,
+        waited: float,
+        record: Callable[[StoredReply], Awaitable[None]] | None = None,
     ) -> StoredReply | None:
         """One request of a session, holding one engine slot until its reply is published; its
-        answer joins ``session.history`` (a new list). Returns the reply to store for repeats."""
+        answer joins ``session.history`` (a new list). Returns the reply to store for repeats;
+        ``record`` stores it before it is published."""
         request, routing = parsed.request, parsed.routing
         cfg = self.projects[inbound.project]
         stored: StoredReply | None = None
@@ -650,9 +677,12 @@ class Bridge:
                 "prompt_tokens": completion.prompt_tokens,
                 "completion_tokens": completion.completion_tokens,
             }
-            stored = self.replies.send(
-                inbound, routing, ok_payload(routing, completion.text, usage), is_error=False
-            )
+            payload = ok_payload(routing, completion.text, usage)
+            if record is not None:
+                ahead = self.replies.stored(routing, payload)
+                if ahead is not None:
+                    await record(ahead)
+            stored = self.replies.send(inbound, routing, payload, is_error=False)
         except RequestFailed as err:
             self.replies.reject(inbound, routing, err.code, err.message)
         except EngineError as err:

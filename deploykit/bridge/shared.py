@@ -13,8 +13,9 @@ session), so what one bridge keeps in memory moves here:
   has a lease its replica renews; an entry whose lease is gone (its replica died) is dropped, so
   a dead replica holds a session up for one lease at most. Replicas on several hosts order by
   their clocks: keep them in sync (NTP), and the window above the clocks' difference.
-- **History**: one JSON value per session, read when its turn comes and written when it ends;
-  it expires after ``session_idle_s`` without use, as in one bridge.
+- **History**: one JSON value per session, read when its turn comes and written when it ends
+  (for a request with a requestId, together with its reply before that is published:
+  ``answered``); it expires after ``session_idle_s`` without use, as in one bridge.
 - **De-duplication**: one entry per (project, sessionId, requestId) with the request's
   fingerprint: pending (with a lease, so a retry is not held up by a replica that died answering
   it) and then done with the reply, kept for ``dedupe_ttl_s``. A repeat waits for a pending entry
@@ -107,6 +108,10 @@ class Known:
 def _session_prefix(key: SessionKey) -> str:
     # project names and sessionIds never hold '/', so "project/session" names one session
     return f"dk:{{{key[0]}/{key[1]}}}"
+
+
+def _encode_history(history: list[Turn]) -> bytes:
+    return orjson.dumps([(t.role, t.content, t.tokens) for t in history])
 
 
 def _encode_entry(fingerprint: bytes, reply: StoredReply | None) -> bytes:
@@ -245,6 +250,24 @@ class SharedState:
                 self._redis.set(name, _encode_entry(fingerprint, reply), px=self.ttl_ms)
             )
 
+    async def answered(
+        self, key: DedupeKey, fingerprint: bytes, reply: StoredReply, history: list[Turn]
+    ) -> None:
+        """Store the reply and the session's new history in one step, before the reply is
+        published: a replica that dies once it went out leaves both, so the broker's redelivery
+        of the request to another replica is answered with this reply (not generated again) and
+        the session's next request sees this turn. The turn itself ends later (``end_turn``)."""
+        name = self._dedupe_name(key)
+        self._held.pop(name, None)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.set(name, _encode_entry(fingerprint, reply), px=self.ttl_ms)
+            pipe.set(
+                f"{_session_prefix((key[0], key[1]))}:history",
+                _encode_history(history),
+                px=self.idle_ms,
+            )
+            await self._call(pipe.execute())
+
     async def wait_answered(self, key: DedupeKey, timeout_s: float) -> StoredReply | None:
         """Wait for another attempt of this requestId to be answered: its reply, or None when it
         was not answered (its replica failed it, or died) or not within ``timeout_s``."""
@@ -318,11 +341,7 @@ class SharedState:
         unchanged)."""
         prefix = _session_prefix(key)
         lease = f"{prefix}:lease:{member}"
-        text = (
-            b""
-            if history is None
-            else orjson.dumps([(t.role, t.content, t.tokens) for t in history])
-        )
+        text = b"" if history is None else _encode_history(history)
         try:
             await self._call(
                 self._end(

@@ -165,6 +165,36 @@ def test_dedupe_claims_waits_and_conflicts(redis_server: Redis) -> None:
     run(redis_server, body)
 
 
+def test_answered_stores_the_reply_and_the_history_before_the_turn_ends(
+    redis_server: Redis,
+) -> None:
+    """What a replica records before it publishes a reply: another replica finds both the reply
+    (for the broker's redelivery) and the new history, while the turn is still held (the
+    session's next request waits for ``end_turn``), and ``end_turn(None)`` keeps that history."""
+    key = ("general", "s-1", "r-7")
+    reply = StoredReply("general/out", b'{"text": "hi"}', [("status", "ok"), ("requestId", "r-7")])
+    turns = [Turn("user", "hello", 2), Turn("assistant", "hi", 1)]
+
+    async def body(a: SharedState, b: SharedState) -> None:
+        assert await a.begin(key, b"fp") is None
+        place = await a.enqueue(KEY, time.time())
+        assert await a.wait_turn(KEY, place, 0, 5)
+        await a.answered(key, b"fp", reply, turns)
+        # as seen by another replica, had this one died right after publishing
+        known = await b.begin(key, b"fp")
+        assert known is not None and known.reply == reply
+        assert await b.wait_answered(key, 1) == reply
+        assert await b.load_history(KEY) == turns
+        later = await b.enqueue(KEY, time.time())
+        assert not await b.wait_turn(KEY, later, 0, 0.3)  # a's turn is not over yet
+        await a.end_turn(KEY, place, None)
+        assert await b.wait_turn(KEY, later, 0, 5)
+        assert await b.load_history(KEY) == turns
+        await b.end_turn(KEY, later, None)
+
+    run(redis_server, body)
+
+
 def test_a_dead_replicas_claim_expires(redis_server: Redis) -> None:
     key = ("general", "s-1", "r-9")
 
