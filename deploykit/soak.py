@@ -75,6 +75,7 @@ class FaultRecord:
     name: str
     at_s: float  # seconds into the run
     recovered_s: float | None  # until every health layer passed again (None: it did not)
+    healthy_at_s: float | None = None  # seconds into the run when it was healthy again
 
 
 @dataclass
@@ -89,6 +90,11 @@ class SoakReport:
     attempts: int
     latencies: list[float]
     faults: list[FaultRecord]
+    #: Answered requests first sent before the first fault, and after the last one recovered:
+    #: the load ran on both sides of the faults (a count that does not depend on how fast the
+    #: machine is, unlike the total).
+    answered_before_faults: int = 0
+    answered_after_faults: int = 0
 
     @property
     def ok(self) -> bool:
@@ -119,6 +125,8 @@ class SoakReport:
             "latency_p50_s": self.latency(50),
             "latency_p99_s": self.latency(99),
             "latency_max_s": max(self.latencies) if self.latencies else None,
+            "answered_before_faults": self.answered_before_faults,
+            "answered_after_faults": self.answered_after_faults,
             "faults": [f.__dict__ for f in self.faults],
         }
 
@@ -131,6 +139,11 @@ class SoakReport:
             f"latency from first send to answer: p50 {p50 or 0:.2f} s, p99 {p99 or 0:.2f} s, "
             f"max {max(self.latencies, default=0):.1f} s",
         ]
+        if self.faults:
+            lines.append(
+                f"answered: {self.answered_before_faults} sent before the first fault, "
+                f"{self.answered_after_faults} sent after the last one recovered"
+            )
         if self.retried_errors:
             lines.append(f"retryable errors seen and retried: {self.retried_errors}")
         if self.failed:
@@ -309,8 +322,18 @@ class RetryingClients:
 
         await asyncio.gather(*(session_loop(i) for i in range(self.sessions)))
 
-    def report(self, seconds: float, faults: list[FaultRecord]) -> SoakReport:
+    def report(self, seconds: float, faults: list[FaultRecord], started: float) -> SoakReport:
+        """``started``: the run's start (``time.monotonic()``), which the faults' times count
+        from."""
         entries = self.ledger.values()
+        answered = [e for e in entries if e.answered_at is not None]
+        before = after = 0
+        if faults:
+            first = started + faults[0].at_s
+            healthy = faults[-1].healthy_at_s
+            before = sum(1 for e in answered if e.first_sent < first)
+            if healthy is not None:
+                after = sum(1 for e in answered if e.first_sent >= started + healthy)
         failed: dict[str, int] = {}
         retried: dict[str, int] = {}
         for e in entries:
@@ -330,8 +353,10 @@ class RetryingClients:
             failed=failed,
             retried_errors=retried,
             attempts=sum(e.attempts for e in entries),
-            latencies=[e.answered_at - e.first_sent for e in entries if e.answered_at is not None],
+            latencies=[e.answered_at - e.first_sent for e in answered if e.answered_at is not None],
             faults=faults,
+            answered_before_faults=before,
+            answered_after_faults=after,
         )
 
 
@@ -430,11 +455,14 @@ async def soak(
     fault_names: Sequence[str] = FAULTS,
     wait_healthy: Callable[[], float | None],
     grace_s: float = 180.0,
+    after_s: float = 0.0,
     progress: Callable[[str], None] = lambda line: None,
 ) -> SoakReport:
     """Load for ``duration_s``, the faults spread evenly over it, one at a time, each followed by
     a wait for the stack to be healthy (``wait_healthy`` returns the seconds it took, None when
-    it did not recover). After the load stops, open requests get ``grace_s`` more."""
+    it did not recover). The load goes on at least ``after_s`` past the last recovery, so the
+    run shows the stack serving again whatever the recovery took. After the load stops, open
+    requests get ``grace_s`` more."""
     start = time.monotonic()
     stop = asyncio.Event()
     end = start + duration_s
@@ -445,6 +473,7 @@ async def soak(
     records: list[FaultRecord] = []
 
     async def faults_in_turn() -> None:
+        nonlocal end
         names_ = list(fault_names) if faults is not None else []
         gap = duration_s / (len(names_) + 1) if names_ else duration_s
         for name in names_:
@@ -454,7 +483,8 @@ async def soak(
             assert faults is not None
             await faults.inject(name)
             recovered = await asyncio.to_thread(wait_healthy)
-            records.append(FaultRecord(name, at, recovered))
+            healthy_at = time.monotonic() - start if recovered is not None else None
+            records.append(FaultRecord(name, at, recovered, healthy_at))
             progress(
                 f"{time.monotonic() - start:5.0f} s: "
                 + (
@@ -463,8 +493,10 @@ async def soak(
                     else "NOT healthy"
                 )
             )
+        if records and records[-1].healthy_at_s is not None:
+            end = max(end, start + records[-1].healthy_at_s + after_s)
         await asyncio.sleep(max(0.0, end - time.monotonic()))
         stop.set()
 
     await asyncio.gather(faults_in_turn(), clients.run(stop, deadline))
-    return clients.report(time.monotonic() - start, records)
+    return clients.report(time.monotonic() - start, records, start)

@@ -27,7 +27,11 @@ def register(app: typer.Typer) -> None:
         project: str | None = typer.Option(
             None, "--project", help="The project to load (default: the stack's first)."
         ),
-        duration: float = typer.Option(600.0, "--duration", help="Seconds of load."),
+        duration: float = typer.Option(
+            600.0,
+            "--duration",
+            help="Seconds of load (it goes on 10 s past the last fault's recovery).",
+        ),
         faults: str = typer.Option(
             ",".join(soak.FAULTS),
             "--faults",
@@ -85,6 +89,7 @@ def register(app: typer.Typer) -> None:
                     duration_s=duration,
                     fault_names=chosen,
                     wait_healthy=wait_healthy,
+                    after_s=10.0,
                     progress=lambda line: _err.print(line, markup=False),
                 )
 

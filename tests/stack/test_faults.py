@@ -84,6 +84,7 @@ def run_with_fault(
                 fault_names=[fault],
                 wait_healthy=wait_healthy,
                 grace_s=240,
+                after_s=8.0,
             )
 
     started = time.monotonic()
@@ -95,7 +96,9 @@ def run_with_fault(
 @pytest.mark.parametrize("fault", soak.FAULTS)
 def test_a_fault_under_load_loses_nothing(fault: str, faulty: stack.StackRecord) -> None:
     report = run_with_fault(faulty, fault)
-    assert report.requests >= 200, f"only {report.requests} requests: the load did not run"
+    # the load ran on both sides of the fault (as many answers as sessions, at least, on each)
+    assert report.answered_before_faults >= 16, report.text()
+    assert report.answered_after_faults >= 16, report.text()
     assert report.faults and report.faults[0].name == fault
     assert report.faults[0].recovered_s is not None, f"the stack did not recover from {fault}"
     assert not report.lost, f"{len(report.lost)} requests lost: {report.lost[:5]}"

@@ -148,7 +148,9 @@ def test_killing_one_replica_mid_run_loses_nothing(where: list[str], fault: str)
     limit = recovery_limit_s(rec, fault.split("-")[0])
     # 40 s of load around the kill: the load goes on while the killed part restarts
     report = run_with_fault(rec, fault, duration_s=40.0, project="general", recovery_s=limit)
-    assert report.requests >= 200, f"only {report.requests} requests: the load did not run"
+    # the load ran on both sides of the fault (as many answers as sessions, at least, on each)
+    assert report.answered_before_faults >= 16, report.text()
+    assert report.answered_after_faults >= 16, report.text()
     assert report.faults[0].recovered_s is not None, (
         f"the stack did not recover from {fault} within {limit:.0f} s"
     )
