@@ -301,6 +301,19 @@ def _minor(version: str) -> tuple[int, int] | None:
     return (int(match.group(1)), int(match.group(2))) if match else None
 
 
+#: The first vLLM release whose chat requests take ``stream_interval`` (tokens per streamed event)
+#: per request (docs/facts.md, "The engine server"); before it the field is ignored and only the
+#: server-wide ``--stream-interval`` batches tokens into events.
+VLLM_REQUEST_STREAM_INTERVAL = "0.27"
+
+
+def vllm_takes_request_stream_interval(version: str) -> bool | None:
+    """Whether that vLLM honours a request's ``stream_interval``; None if the version is unreadable."""
+    found, first = _minor(version), _minor(VLLM_REQUEST_STREAM_INTERVAL)
+    assert first is not None
+    return None if found is None else found >= first
+
+
 def vllm_version_warning(version: str) -> str | None:
     """What to warn about a vLLM version outside :data:`VLLM_TESTED_RANGE` (None inside it)."""
     low, high = VLLM_TESTED_RANGE

@@ -57,6 +57,13 @@ class FixedPacer(EventPacer):
 AUTO_FLOOR = 4
 
 
+def engine_floor(setting: int | str) -> int:
+    """Tokens per event to ask of an engine that cannot be asked per request (vLLM before
+    matrix.VLLM_REQUEST_STREAM_INTERVAL, through its server-wide ``--stream-interval``): what the
+    setting asks at least."""
+    return AUTO_FLOOR if setting == "auto" else int(setting)
+
+
 def pacer_for(setting: int | str, interval_s: float) -> EventPacer:
     """The pacer the ``engine_stream_tokens`` setting names: ``auto`` or a fixed number."""
     if setting == "auto":

@@ -14,7 +14,7 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-from deploykit import render, stack
+from deploykit import matrix, render, stack
 from deploykit.errors import DeployKitError, UsageError
 from deploykit.secrets import DIR_MODE, ensure_secrets
 from deploykit.serve import plan as serve_plan
@@ -213,7 +213,13 @@ class ServeRun:
         secrets = ensure_secrets(plan.secrets.path, plan.stack.options.projects)
         _private_dir(plan.logs_dir)
         api_key = secrets.engine_api_key_file.read_text().strip()
-        engine = serve_plan.engine_command(plan)
+        engine = serve_plan.engine_command(plan, self.vllm_version)
+        if paced := serve_plan.stream_interval_args(plan, self.vllm_version):
+            self.say(
+                f"vLLM {self.vllm_version} takes no per-request stream_interval (it came in "
+                f"{matrix.VLLM_REQUEST_STREAM_INTERVAL}): started with {' '.join(paced)}, "
+                "tokens per streamed event for every client"
+            )
         self.supervisor.handle_signals()
         try:
             if mosquitto is not None:

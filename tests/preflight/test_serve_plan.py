@@ -101,6 +101,32 @@ def test_float16_below_compute_capability_8(
     assert command[command.index("--dtype") + 1] == "float16"
 
 
+@pytest.mark.parametrize(
+    ("version", "config", "added"),
+    [
+        ("0.24.0", None, ["--stream-interval", "4"]),  # auto: its floor
+        ("0.26.0", "bridge:\n  engine_stream_tokens: 8\n", ["--stream-interval", "8"]),
+        ("0.26.0", "bridge:\n  engine_stream_tokens: 1\n", []),  # one token per event, asked
+        ("0.27.0", None, []),  # takes the request's stream_interval: the bridge paces per request
+        ("0.33.0", None, []),
+        ("nightly", None, []),  # unreadable: left as vLLM's default
+    ],
+)
+def test_a_vllm_without_request_stream_interval_gets_the_bridges_floor_server_wide(
+    make_model: MakeModel, tmp_path: Path, version: str, config: str | None, added: list[str]
+) -> None:
+    """vLLM 0.24-0.26 ignore a request's stream_interval (checked in their sdists'
+    vllm/sampling_params.py; 0.27.0 has it), so serve asks for the bridge's floor for everyone."""
+    extra: dict[str, object] = {}
+    if config is not None:
+        (tmp_path / "bridge.yaml").write_text(config)
+        extra["bridge_config"] = tmp_path / "bridge.yaml"
+    plan = plan_for(make_model(TINY), tmp_path, **extra)
+    without = serve.engine_command(plan)
+    assert serve.engine_command(plan, version) == without + added
+    assert serve.stream_interval_args(plan, version) == added
+
+
 def test_bridge_is_configured_as_in_the_compose_stack(
     make_model: MakeModel, tmp_path: Path
 ) -> None:
