@@ -244,6 +244,18 @@ class Cell:
     broker_cpu_ms: float | None = None
 
 
+def write_json(path: Path, cells: list[Cell], overhead: list[str], *, complete: bool) -> None:
+    """The raw results; written after every cell too (``complete: false``), so a run cut short
+    (a lent GPU's time running out) keeps what it measured."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cells_data = [
+        {**c.run.as_dict(), "bridge_cpu_ms": c.bridge_cpu_ms, "broker_cpu_ms": c.broker_cpu_ms}
+        for c in cells
+    ]
+    data = {"argv": sys.argv[1:], "complete": complete, "cells": cells_data, "overhead": overhead}
+    path.write_text(json.dumps(data, indent=1))
+
+
 def fmt(v: float | None, scale: float = 1.0, digits: int = 3) -> str:
     return "-" if v is None else f"{v * scale:.{digits}f}"
 
@@ -328,6 +340,8 @@ async def bench(args: argparse.Namespace, stack: Stack) -> list[Cell]:
                         cells.append(
                             await one_cell(args, stack, direct, loads, label, c, n, stream)
                         )
+                        if args.json:
+                            write_json(args.json, cells, [], complete=False)
     finally:
         for load in loads.values():
             await load.__aexit__(None, None, None)
@@ -490,24 +504,7 @@ def main(argv: list[str] | None = None) -> int:
     for line in overhead:
         print(line)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(
-            json.dumps(
-                {
-                    "argv": sys.argv[1:],
-                    "cells": [
-                        {
-                            **c.run.as_dict(),
-                            "bridge_cpu_ms": c.bridge_cpu_ms,
-                            "broker_cpu_ms": c.broker_cpu_ms,
-                        }
-                        for c in cells
-                    ],
-                    "overhead": overhead,
-                },
-                indent=1,
-            )
-        )
+        write_json(args.json, cells, overhead, complete=True)
     return 0
 
 

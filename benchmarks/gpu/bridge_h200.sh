@@ -15,7 +15,9 @@
 # alternating, default 1), STREAM_INTERVAL (the engine's --stream-interval, tokens per streamed
 # event, default 1: vLLM's own default). The bridge asks for 4 tokens per event per request
 # (engine_stream_tokens); vLLM releases before the per-request field ignore it, and only the
-# server-wide flag has that effect there, on direct clients too.
+# server-wide flag has that effect there, on direct clients too. CONCURRENCY (default 1,64,256,512),
+# MODES (default whole,stream), PAIRS (1-token overhead pairs at concurrency 1, default 20) and
+# CEILING=0 (skip `vllm bench serve`) shorten a run when little GPU time is left.
 set -uo pipefail
 kind=${1:?usage: bridge_h200.sh bench|8b}
 final=${OUT:-benchmarks/results}
@@ -42,7 +44,8 @@ $py -m vllm.entrypoints.cli.main serve "$model" --served-model-name bench --dtyp
   --stream-interval "${STREAM_INTERVAL:-1}" \
   >"$OUT/vllm-$kind.log" 2>&1 &
 vllm=$!
-trap 'kill $vllm 2>/dev/null; wait $vllm 2>/dev/null; tar -czf "$final/h200-$kind.tgz" -C "$OUT" .' EXIT
+# what was measured is packed before vLLM is stopped (its shutdown can outlast a lent machine's time)
+trap 'tar -czf "$final/h200-$kind.tgz" -C "$OUT" .; kill $vllm 2>/dev/null; wait $vllm 2>/dev/null' EXIT
 healthy() { $py -c "import urllib.request as u; u.urlopen('http://127.0.0.1:$port/health', timeout=2)" 2>/dev/null; }
 until healthy; do
   kill -0 $vllm 2>/dev/null || { echo "vLLM exited"; tail -30 "$OUT/vllm-$kind.log"; exit 1; }
@@ -52,7 +55,7 @@ echo "vLLM ($kind) healthy after $(( $(date +%s) - t0 )) s"
 nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total --format=csv >"$OUT/gpu-$kind.csv"
 
 # The engine's ceiling: vLLM's own client, the same prompt and output lengths.
-for c in 64 256 512; do
+for c in $([ "${CEILING:-1}" = 0 ] || echo 64 256 512); do
   $py -m vllm.entrypoints.cli.main bench serve --backend openai-chat \
     --base-url http://127.0.0.1:$port --endpoint /v1/chat/completions --model bench \
     --tokenizer "$model" --dataset-name random --random-input-len 24 --random-output-len 128 \
@@ -64,7 +67,8 @@ done
 
 # MQTT against direct; the bridge and Mosquitto are started by the benchmark.
 $py benchmarks/bridge_throughput.py --engine http://127.0.0.1:$port \
-  --mosquitto /tmp/mq/usr/sbin/mosquitto --concurrency 1,64,256,512 --modes whole,stream \
-  --max-tokens 128 --rounds "${ROUNDS:-3}" --repeat "${REPEAT:-1}" --overhead-pairs 20 --clients 8 --json "$OUT/bridge-$kind.json" \
+  --mosquitto /tmp/mq/usr/sbin/mosquitto --concurrency "${CONCURRENCY:-1,64,256,512}" \
+  --modes "${MODES:-whole,stream}" --max-tokens 128 --rounds "${ROUNDS:-3}" --repeat "${REPEAT:-1}" \
+  --overhead-pairs "${PAIRS:-20}" --clients 8 --json "$OUT/bridge-$kind.json" \
   2>"$OUT/bridge-$kind.log"
 echo "done in $(( $(date +%s) - t0 )) s"
