@@ -155,7 +155,8 @@ METHODS: dict[Quant, MethodSpec] = {
         7.5,
         Checkpoint.EITHER,
         quant_methods_of(Quant.FP8),
-        note="halves weight memory; 1.2-1.4x the tokens/s of bf16 at every concurrency (H200, 8B)",
+        note="halves weight memory; 1.35x the tokens/s of bf16 at concurrency 1-8, 1.1-1.2x at "
+        "64-256 (H200, 8B)",
     ),
     Quant.AWQ: MethodSpec(
         Quant.AWQ,
@@ -164,7 +165,7 @@ METHODS: dict[Quant, MethodSpec] = {
         Checkpoint.PREQUANTIZED,
         quant_methods_of(Quant.AWQ),
         note="a third of bf16 weight memory (8B); 1.2x bf16's tokens/s at concurrency 1-8, "
-        "0.75x at 256 (H200)",
+        "about bf16's at 64 (H200; at 256 two runs gave 0.75x and 1.24x)",
     ),
     Quant.GPTQ: MethodSpec(
         Quant.GPTQ,
@@ -173,7 +174,7 @@ METHODS: dict[Quant, MethodSpec] = {
         Checkpoint.PREQUANTIZED,
         quant_methods_of(Quant.GPTQ),
         note="a third of bf16 weight memory (8B); 1.3x bf16's tokens/s at concurrency 1-8, "
-        "about bf16's at 64-256 (H200)",
+        "1.0-1.2x at 64-256 (H200)",
     ),
     Quant.BITSANDBYTES: MethodSpec(
         Quant.BITSANDBYTES,
