@@ -5,9 +5,12 @@ event after the first as vLLM does (vllm/v1/engine/output_processor.py: the firs
 output are sent at once); the bridge's EngineClient reads them. Prints the client process's CPU per
 request, whole and streamed, for each tokens-per-event setting (1, 4, 8, and `auto`: the bridge's
 pacer, fed as the bridge feeds it), and the CPU per wake-up of a bare
-asyncio read loop on this machine (the floor).
+read loop on this machine (the floor). Each event loop named in ``--loops`` (asyncio's own, uvloop:
+the bridge's) runs all of it, in turns (``--rounds``, the order alternating), and the medians are
+compared as a ratio.
 
-    .venv/bin/python benchmarks/stream_cost.py [--tokens 128] [--spacing 0.01] [--requests 8]
+    .venv/bin/python benchmarks/stream_cost.py [--tokens 128] [--spacing 0.01] [--requests 8] \
+        [--loops asyncio,uvloop] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -16,9 +19,14 @@ import argparse
 import asyncio
 import resource
 import socket
+import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import uvloop
 
 SERVER = r"""
 import asyncio, json, sys
@@ -63,7 +71,17 @@ def cpu_ms() -> float:
     return (r.ru_utime + r.ru_stime) * 1000
 
 
-async def measure(url: str, tokens: int, requests: int) -> list[str]:
+#: The event loops compared: asyncio's own and uvloop (the bridge's, deploykit/bridge/runner.py).
+LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
+    "asyncio": asyncio.new_event_loop,
+    "uvloop": uvloop.new_event_loop,
+}
+
+#: One figure: what it is, CPU ms (or µs) per unit, and how it was counted.
+Figure = tuple[str, float, str]
+
+
+async def measure(url: str, tokens: int, requests: int) -> list[Figure]:
     from deploykit.bridge.engine import Completion, EngineClient
     from deploykit.bridge.pacing import pacer_for
 
@@ -92,16 +110,14 @@ async def measure(url: str, tokens: int, requests: int) -> list[str]:
                     first = time.monotonic()
         per = (cpu_ms() - start) / requests
         label = "whole" if mode == "whole" else f"streamed, {every} token(s) per event"
-        out.append(
-            f"{label:32} {per:6.2f} ms CPU per request "
-            f"({events / requests:.0f} reads, {(time.perf_counter() - t0) / requests:.2f} s each)"
-        )
+        how = f"{events / requests:.0f} reads, {(time.perf_counter() - t0) / requests:.2f} s each"
+        out.append((f"{label} (ms per request)", per, how))
     await engine.aclose()
     return out
 
 
-async def wakeup_floor(reads: int = 400) -> str:
-    """A bare asyncio loop reading 200-byte messages 10 ms apart from another process."""
+async def wakeup_floor(reads: int = 400) -> Figure:
+    """A bare read loop reading 200-byte messages 10 ms apart from another process."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -119,7 +135,12 @@ async def wakeup_floor(reads: int = 400) -> str:
         while await reader.read(65536):
             n += 1
         sender.wait()
-    return f"{'bare asyncio read loop':32} {1000 * (cpu_ms() - start) / max(n, 1):6.0f} us CPU per read ({n} reads)"
+    return ("bare read loop (us per read)", 1000 * (cpu_ms() - start) / max(n, 1), f"{n} reads")
+
+
+def run_on(loop: str, coro: Coroutine[Any, Any, Any]) -> Any:
+    with asyncio.Runner(loop_factory=LOOPS[loop]) as runner:
+        return runner.run(coro)
 
 
 def main() -> int:
@@ -127,7 +148,14 @@ def main() -> int:
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--spacing", type=float, default=0.01, help="seconds between tokens")
     p.add_argument("--requests", type=int, default=8)
+    p.add_argument("--loops", default="asyncio,uvloop", help=f"of {', '.join(LOOPS)}")
+    p.add_argument("--rounds", type=int, default=1, help="turns of each loop, order alternating")
     args = p.parse_args()
+    loops = args.loops.split(",")
+    if unknown := set(loops) - set(LOOPS):
+        p.error(f"unknown loop(s) {', '.join(sorted(unknown))}: choose from {', '.join(LOOPS)}")
+    seen: dict[tuple[str, str], list[float]] = {}
+    how: dict[tuple[str, str], str] = {}
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -139,13 +167,33 @@ def main() -> int:
                 break
             except OSError:
                 time.sleep(0.1)
-        lines = asyncio.run(measure(f"http://127.0.0.1:{port}", args.tokens, args.requests))
-        lines.append(asyncio.run(wakeup_floor()))
+        for turn in range(args.rounds):
+            for loop in loops if turn % 2 == 0 else loops[::-1]:
+                url = f"http://127.0.0.1:{port}"
+                figures = run_on(loop, measure(url, args.tokens, args.requests))
+                figures.append(run_on(loop, wakeup_floor()))
+                for label, value, counted in figures:
+                    seen.setdefault((loop, label), []).append(value)
+                    how[(loop, label)] = counted
+                    print(f"round {turn + 1} {loop:8} {label:44} {value:7.2f} ({counted})")
     finally:
         server.terminate()
         server.wait(10)
-    print(f"{args.tokens} tokens, {args.spacing * 1000:.0f} ms apart:")
-    print("\n".join(lines))
+    print(
+        f"\n{args.tokens} tokens, {args.spacing * 1000:.0f} ms apart, CPU of the client "
+        f"process, median of {args.rounds} round(s):"
+    )
+    labels = list(dict.fromkeys(label for _, label in seen))
+    print(
+        "| | " + " | ".join(loops) + (f" | {loops[1]}/{loops[0]}" if len(loops) == 2 else "") + " |"
+    )
+    print("|---" * (len(loops) + 1 + (len(loops) == 2)) + "|")
+    for label in labels:
+        medians = [statistics.median(seen[(loop, label)]) for loop in loops]
+        cells = [f"{m:.2f}" for m in medians]
+        if len(loops) == 2:
+            cells.append(f"{medians[1] / medians[0]:.2f}" if medians[0] else "-")
+        print(f"| {label} | " + " | ".join(cells) + " |")
     return 0
 
 

@@ -9,7 +9,8 @@
 #
 # Results go to a folder packed as $OUT/h200-<model>.tgz (default OUT: benchmarks/results):
 # bridge-<model>.json (bridge_throughput.py), vllm-bench-<model>-c<N>.json (vllm bench serve), and
-# the logs. orjson (not in the GPU image) is expected in /tmp/extra (pip install --target).
+# the logs. orjson (not in the GPU image) is expected in /tmp/extra (pip install --target); uvloop,
+# the bridge's event loop, comes with vLLM (fastapi[standard] -> uvicorn[standard]).
 #
 # Environment: ROUNDS (requests per concurrent client, default 3), REPEAT (runs of each cell, paths
 # alternating, default 1), STREAM_INTERVAL (the engine's --stream-interval, tokens per streamed

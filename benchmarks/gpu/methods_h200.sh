@@ -2,7 +2,8 @@
 # The per-method table on the GPU machine (no Docker): `deploykit bench --methods ... --serve` on an
 # 8B-shaped model with random weights, plus the start-up guard and the memory estimator's inputs.
 # Run from the repository's root on the GPU machine, after ../shared/gpu's parts were carried to
-# /tmp/parts and .gpu/s, .gpu/extra (matplotlib for bench's plot, orjson) beside the checkout:
+# /tmp/parts and .gpu/s, .gpu/extra (matplotlib for bench's plot, orjson; uvloop, the bridge's
+# event loop, comes with vLLM) beside the checkout:
 #
 #   bash benchmarks/gpu/methods_h200.sh setup     # vLLM 0.24.0 etc. (../shared/gpu/setup.sh), extras
 #   bash benchmarks/gpu/methods_h200.sh models    # /tmp/m/{cfg,bf16,gptq,awq}: 8B shape, random
@@ -35,7 +36,7 @@ case "${1:-}" in
 setup)
   bash .gpu/s/setup.sh || exit 1
   python3 -m pip install -q --no-index --find-links .gpu/extra matplotlib orjson 2>&1 | tail -3
-  python3 -c "import matplotlib, orjson, vllm; print('extras ok', matplotlib.__version__, vllm.__version__)"
+  python3 -c "import matplotlib, orjson, uvloop, vllm; print('extras ok', matplotlib.__version__, vllm.__version__)"
   ;;
 models)
   t0=$(date +%s)

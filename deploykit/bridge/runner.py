@@ -1,4 +1,4 @@
-"""Process entry of the bridge: logging, credentials, config, signals, the asyncio loop."""
+"""Process entry of the bridge: logging, credentials, config, signals, the event loop (uvloop)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import gc
 import logging
 import signal
 import sys
+
+import uvloop
 
 from deploykit.bridge.config import Settings, load_config
 from deploykit.bridge.service import Bridge, Secrets
@@ -74,4 +76,7 @@ def run_bridge(settings: Settings) -> None:
     # cyclic garbage collector's full collections, which otherwise walk it again and again.
     gc.collect()
     gc.freeze()
-    asyncio.run(_main(bridge))
+    # libuv's loop: every engine event and MQTT packet is a wake-up of this loop, and uvloop's cost
+    # less CPU than asyncio's own (benchmarks/RESULTS.md, "The bridge's event loop")
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(_main(bridge))
