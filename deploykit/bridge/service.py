@@ -82,6 +82,13 @@ def fingerprint(request: ChatRequest) -> bytes:
     return hashlib.blake2b(orjson.dumps(fields), digest_size=16).digest()
 
 
+def _dedupe_key(inbound: Inbound, parsed: Accepted) -> DedupeKey | None:
+    """The key a request is de-duplicated under, in one bridge and across replicas (None: the
+    request has no requestId)."""
+    request_id = parsed.routing.request_id
+    return (inbound.project, parsed.request.sessionId, request_id) if request_id else None
+
+
 class Bridge:
     def __init__(
         self,
@@ -401,9 +408,7 @@ class Bridge:
         if self.shared is not None:
             self._spawn(self._accept_shared(inbound, parsed, self.shared))
             return
-        dedupe_key: DedupeKey | None = (
-            (inbound.project, request.sessionId, routing.request_id) if routing.request_id else None
-        )
+        dedupe_key = _dedupe_key(inbound, parsed)
         if dedupe_key is not None:
             print_ = fingerprint(request)
             entry = self.dedupe.begin(dedupe_key, print_)
@@ -457,9 +462,7 @@ class Bridge:
         across replicas, then the session's turn (its earlier requests answered, on any replica),
         then an engine slot here; the history is read when the turn comes and written as it ends."""
         request, routing = parsed.request, parsed.routing
-        dedupe_key: DedupeKey | None = (
-            (inbound.project, request.sessionId, routing.request_id) if routing.request_id else None
-        )
+        dedupe_key = _dedupe_key(inbound, parsed)
         print_ = fingerprint(request) if dedupe_key is not None else b""
         claimed = False
         try:
@@ -510,8 +513,12 @@ class Bridge:
                     "requests; retry later",
                 )
             claimed = False  # the job finishes the de-duplication entry from here on
+            dedupe = (dedupe_key, print_) if dedupe_key is not None else None
             self.scheduler.submit(
-                key, lambda waited: self._chat_shared(inbound, parsed, key, place, waited, shared)
+                key,
+                lambda waited: self._chat_shared(
+                    inbound, parsed, key, place, waited, shared, dedupe
+                ),
             )
         except RequestFailed as err:
             self.replies.reject(inbound, routing, err.code, err.message)
@@ -538,14 +545,13 @@ class Bridge:
         place: str,
         waited: float,
         shared: SharedState,
+        dedupe: tuple[DedupeKey, bytes] | None,
     ) -> None:
-        """One request holding the session's turn and an engine slot."""
-        request, routing = parsed.request, parsed.routing
+        """One request holding the session's turn and an engine slot; ``dedupe``: its
+        de-duplication key and fingerprint, claimed by the caller (None: no requestId)."""
+        routing = parsed.routing
         stored: StoredReply | None = None
         history: list[Turn] | None = None
-        dedupe_key: DedupeKey | None = (
-            (inbound.project, request.sessionId, routing.request_id) if routing.request_id else None
-        )
         session: Session | None = None
         recorded = False
 
@@ -556,9 +562,9 @@ class Bridge:
             # (Without a requestId a redelivery is generated again, so the history waits for the
             # end of the turn: written before, it would hold the request twice.)
             nonlocal recorded
-            assert dedupe_key is not None and session is not None
+            assert dedupe is not None and session is not None
             try:
-                await shared.answered(dedupe_key, fingerprint(request), reply, session.history)
+                await shared.answered(*dedupe, reply, session.history)
                 recorded = True
             except StateUnavailable as err:
                 log.warning("could not record request %s in Redis: %s", routing.request_id, err)
@@ -576,15 +582,15 @@ class Bridge:
                 return
             session = Session(key, before)
             stored = await self._chat(
-                inbound, parsed, session, waited, record if dedupe_key is not None else None
+                inbound, parsed, session, waited, record if dedupe is not None else None
             )
             if session.history is not before and not recorded:
                 history = session.history
         finally:
             try:
                 await shared.end_turn(key, place, history)
-                if dedupe_key is not None and not recorded:
-                    await shared.finish(dedupe_key, fingerprint(request), stored)
+                if dedupe is not None and not recorded:
+                    await shared.finish(*dedupe, stored)
             except StateUnavailable as err:
                 log.warning("could not record request %s in Redis: %s", routing.request_id, err)
 
