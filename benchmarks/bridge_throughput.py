@@ -301,16 +301,25 @@ def report(cells: list[Cell]) -> str:
     labels = sorted({c.run.label for c in cells if c.run.path == "mqtt"})
     if len(labels) == 2:
         first, second = labels if labels[0] != "after" else labels[::-1]
-        by = {(c.run.label, c.run.concurrency, c.run.stream): c for c in cells}
-        lines += ["", f"| stream | conc. | bridge CPU/req {second}/{first} |", "|---|---|---|"]
-        for (label, conc, stream), c in sorted(by.items(), key=lambda kv: (kv[0][2], kv[0][1])):
-            other = by.get((first, conc, stream))
-            if label != second or other is None:
-                continue
-            if c.bridge_cpu_ms and other.bridge_cpu_ms:
+        # every run of a cell (--repeat): the ratio of the two bridges' medians
+        by: dict[tuple[str, int, bool], list[float]] = {}
+        for c in cells:
+            if c.run.path == "mqtt" and c.bridge_cpu_ms is not None:
+                by.setdefault((c.run.label, c.run.concurrency, c.run.stream), []).append(
+                    c.bridge_cpu_ms
+                )
+        lines += [
+            "",
+            f"| stream | conc. | runs | bridge CPU/req {first} | {second} | {second}/{first} |",
+            "|---|---|---|---|---|---|",
+        ]
+        for conc, stream in sorted({(k[1], k[2]) for k in by}, key=lambda k: (k[1], k[0])):
+            a, b = by.get((first, conc, stream)), by.get((second, conc, stream))
+            if a and b and statistics.median(a):
+                ma, mb = statistics.median(a), statistics.median(b)
                 lines.append(
-                    f"| {'yes' if stream else 'no'} | {conc} | "
-                    f"{c.bridge_cpu_ms / other.bridge_cpu_ms:.3f} |"
+                    f"| {'yes' if stream else 'no'} | {conc} | {len(a)} | {ma:.2f} ms | "
+                    f"{mb:.2f} ms | {mb / ma:.3f} |"
                 )
     return "\n".join(lines)
 
