@@ -213,8 +213,9 @@ class ServeRun:
         secrets = ensure_secrets(plan.secrets.path, plan.stack.options.projects)
         _private_dir(plan.logs_dir)
         api_key = secrets.engine_api_key_file.read_text().strip()
-        engine = serve_plan.engine_command(plan, self.vllm_version)
-        if paced := serve_plan.stream_interval_args(plan, self.vllm_version):
+        paced = serve_plan.stream_interval_args(plan, self.vllm_version)
+        engine = serve_plan.engine_command(plan, paced)
+        if paced:
             self.say(
                 f"vLLM {self.vllm_version} takes no per-request stream_interval (it came in "
                 f"{matrix.VLLM_REQUEST_STREAM_INTERVAL}): started with {' '.join(paced)}, "

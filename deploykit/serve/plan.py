@@ -218,17 +218,16 @@ def _broker(request: ServeRequest) -> tuple[mqttclient.BrokerAddress, bool]:
 # --- the processes' commands and environments -----------------------------------------------------
 
 
-def engine_command(plan: ServePlan, vllm_version: str | None = None) -> list[str]:
+def engine_command(plan: ServePlan, paced: Sequence[str] = ()) -> list[str]:
     """vLLM's command: the cell's flags as the start-up guard decides them (dtype below compute
     capability 8.0, on-the-fly flags dropped for a pre-quantized checkpoint), then the stack's,
-    then :func:`stream_interval_args` for that vLLM."""
+    then ``paced`` (:func:`stream_interval_args` for the vLLM it runs)."""
     args = render.engine_args(plan.cell, plan.stack.options, host=LOOPBACK, port=plan.engine_port)
     guard = Guard(render.image_facts(plan.cell))
     fixed = list(guard.facts.vllm_args)
     if guard.facts.checks_gpus and plan.compute_capability is not None:
         fixed = guard.with_dtype(fixed, plan.compute_capability)
     fixed = guard.check_checkpoint(args, fixed)
-    paced = stream_interval_args(plan, vllm_version) if vllm_version else []
     return [plan.vllm_python, "-m", VLLM_SERVER_MODULE, *fixed, *args, *paced]
 
 

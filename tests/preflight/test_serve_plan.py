@@ -123,8 +123,8 @@ def test_a_vllm_without_request_stream_interval_gets_the_bridges_floor_server_wi
         extra["bridge_config"] = tmp_path / "bridge.yaml"
     plan = plan_for(make_model(TINY), tmp_path, **extra)
     without = serve.engine_command(plan)
-    assert serve.engine_command(plan, version) == without + added
     assert serve.stream_interval_args(plan, version) == added
+    assert serve.engine_command(plan, added) == without + added  # after the rest
 
 
 def test_bridge_is_configured_as_in_the_compose_stack(
