@@ -18,6 +18,9 @@ from deploykit.errors import CheckFailed, UsageError
 
 _err = Console(stderr=True, highlight=False)
 
+#: Seconds the load goes on past the last fault's recovery: the run shows the stack serving again.
+AFTER_RECOVERY_S = 10.0
+
 
 def register(app: typer.Typer) -> None:
     @app.command("soak")
@@ -30,7 +33,8 @@ def register(app: typer.Typer) -> None:
         duration: float = typer.Option(
             600.0,
             "--duration",
-            help="Seconds of load (it goes on 10 s past the last fault's recovery).",
+            help=f"Seconds of load (it goes on {AFTER_RECOVERY_S:g} s past the last fault's "
+            "recovery).",
         ),
         faults: str = typer.Option(
             ",".join(soak.FAULTS),
@@ -89,7 +93,7 @@ def register(app: typer.Typer) -> None:
                     duration_s=duration,
                     fault_names=chosen,
                     wait_healthy=wait_healthy,
-                    after_s=10.0,
+                    after_s=AFTER_RECOVERY_S,
                     progress=lambda line: _err.print(line, markup=False),
                 )
 
