@@ -155,7 +155,6 @@ def main() -> int:
     if unknown := set(loops) - set(LOOPS):
         p.error(f"unknown loop(s) {', '.join(sorted(unknown))}: choose from {', '.join(LOOPS)}")
     seen: dict[tuple[str, str], list[float]] = {}
-    how: dict[tuple[str, str], str] = {}
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -174,7 +173,6 @@ def main() -> int:
                 figures.append(run_on(loop, wakeup_floor()))
                 for label, value, counted in figures:
                     seen.setdefault((loop, label), []).append(value)
-                    how[(loop, label)] = counted
                     print(f"round {turn + 1} {loop:8} {label:44} {value:7.2f} ({counted})")
     finally:
         server.terminate()
