@@ -176,7 +176,7 @@ def test_ctrl_c_keeps_what_was_measured(
     seen = []
     for line in proc.stderr:
         seen.append(line)
-        if line.startswith("c=1    mqtt"):  # one run done: stop during the next
+        if line.startswith("c=1 direct: "):  # the first run is done, the second has begun
             time.sleep(1.0)
             proc.send_signal(signal.SIGINT)
             break
@@ -260,8 +260,8 @@ def test_errors_are_counted_when_the_engine_stops_mid_run(
     try:
         for line in proc.stderr:
             seen.append(line)
-            if line.startswith("warm-up"):
-                time.sleep(6.0)  # into the MQTT run (the warm-up takes a few seconds)
+            if line.startswith("c=2 mqtt: "):  # the measured MQTT run has begun
+                time.sleep(1.0)  # some answered first; the run takes several seconds here
                 engine.stop(timeout=5)
                 break
         _out, rest = proc.communicate(timeout=600)

@@ -49,7 +49,8 @@ def default_out(stack: str) -> Path:
 
 
 class ShowProgress:
-    """A progress bar on a terminal; a line per finished run everywhere."""
+    """A progress bar on a terminal (a line when a run begins elsewhere); a line per finished run
+    everywhere."""
 
     def __init__(self, console: Console) -> None:
         self.console = console
@@ -77,10 +78,12 @@ class ShowProgress:
 
     def start(self, label: str, total: int) -> None:
         self.errors = 0
-        if self.bar is not None:
-            if self.task is not None:
-                self.bar.remove_task(self.task)
-            self.task = self.bar.add_task(label, total=total, errors=0)
+        if self.bar is None:  # a log: say when each run begins, as the bar would
+            self.console.print(f"{label}: {total} requests ...", markup=False)
+            return
+        if self.task is not None:
+            self.bar.remove_task(self.task)
+        self.task = self.bar.add_task(label, total=total, errors=0)
 
     def advance(self, sample: Sample) -> None:
         if sample.error is not None:
