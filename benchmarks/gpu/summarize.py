@@ -8,6 +8,12 @@ and the ratio is the median of the per-run ratios (direct and MQTT of the same r
 other), with its range.
 
     python3 benchmarks/gpu/summarize.py benchmarks/results/h200-run3
+
+Given several folders, it pools them instead: per model and concurrency, the median of every
+run's MQTT/direct ratio over all the folders, with their range and count (the engine's own rate
+moves between runs, so one run's ratio settles little), and the median bridge CPU per request.
+
+    python3 benchmarks/gpu/summarize.py benchmarks/results/h200-run3 benchmarks/results/h200-run5
 """
 
 from __future__ import annotations
@@ -81,8 +87,50 @@ def table(folder: Path, model: str) -> str:
     return "\n".join(rows + [""] + [f"- {line}" for line in overhead])
 
 
+def run_ratios(direct: list[dict[str, Any]], mqtt: list[dict[str, Any]]) -> list[float]:
+    return [m["rps"] / d["rps"] for d, m in zip(direct, mqtt, strict=False)]
+
+
+def spread(values: list[float]) -> str:
+    if not values:
+        return "-"
+    values = sorted(values)
+    return f"{statistics.median(values):.2f} ({values[0]:.2f} to {values[-1]:.2f}, n={len(values)})"
+
+
+def pooled(folders: list[Path], model: str) -> str:
+    rows = [
+        "| conc. | whole MQTT/direct | stream MQTT/direct | bridge CPU/req whole / stream | errors |",
+        "|---|---|---|---|---|",
+    ]
+    for c in (1, 64, 256, 512):
+        whole: list[float] = []
+        stream: list[float] = []
+        cpu_w: list[float] = []
+        cpu_s: list[float] = []
+        errors = 0
+        for folder in folders:
+            if not (folder / f"bridge-{model}.json").is_file():
+                continue
+            cells = load(folder, model)[0]
+            dw, mw = cells.get(("direct", False, c), []), cells.get(("mqtt", False, c), [])
+            ds, ms = cells.get(("direct", True, c), []), cells.get(("mqtt", True, c), [])
+            whole += run_ratios(dw, mw)
+            stream += run_ratios(ds, ms)
+            cpu_w += [r["bridge_cpu_ms"] for r in mw if r.get("bridge_cpu_ms") is not None]
+            cpu_s += [r["bridge_cpu_ms"] for r in ms if r.get("bridge_cpu_ms") is not None]
+            errors += sum(sum(x["errors"].values()) for runs in (dw, mw, ds, ms) for x in runs)
+        if not (whole or stream):
+            continue
+        cpu = " / ".join(f"{statistics.median(v):.2f}" if v else "-" for v in (cpu_w, cpu_s))
+        rows.append(f"| {c} | {spread(whole)} | {spread(stream)} | {cpu} ms | {errors} |")
+    return "\n".join(rows)
+
+
 if __name__ == "__main__":
-    folder = Path(sys.argv[1])
+    folders = [Path(a) for a in sys.argv[1:]]
     for model in ("bench", "8b"):
-        if (folder / f"bridge-{model}.json").is_file():
-            print(f"### {model}\n\n{table(folder, model)}\n")
+        if len(folders) > 1:
+            print(f"### {model}, pooled over {len(folders)} runs\n\n{pooled(folders, model)}\n")
+        elif (folders[0] / f"bridge-{model}.json").is_file():
+            print(f"### {model}\n\n{table(folders[0], model)}\n")
