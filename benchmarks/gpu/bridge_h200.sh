@@ -18,7 +18,9 @@
 # (engine_stream_tokens); vLLM releases before the per-request field ignore it, and only the
 # server-wide flag has that effect there, on direct clients too. CONCURRENCY (default 1,64,256,512),
 # MODES (default whole,stream), PAIRS (1-token overhead pairs at concurrency 1, default 20) and
-# CEILING=0 (skip `vllm bench serve`) shorten a run when little GPU time is left.
+# CEILING=0 (skip `vllm bench serve`) shorten a run when little GPU time is left. BRIDGES="a=TREE
+# b=TREE" measures several bridges (source trees) in one run, each against the same direct path
+# (bridge_throughput.py --bridge); default: this tree's.
 set -uo pipefail
 kind=${1:?usage: bridge_h200.sh bench|8b}
 final=${OUT:-benchmarks/results}
@@ -67,7 +69,8 @@ for c in $([ "${CEILING:-1}" = 0 ] || echo 64 256 512); do
 done
 
 # MQTT against direct; the bridge and Mosquitto are started by the benchmark.
-$py benchmarks/bridge_throughput.py --engine http://127.0.0.1:$port \
+bridges=(); for b in ${BRIDGES:-}; do bridges+=(--bridge "$b"); done
+$py benchmarks/bridge_throughput.py "${bridges[@]}" --engine http://127.0.0.1:$port \
   --mosquitto /tmp/mq/usr/sbin/mosquitto --concurrency "${CONCURRENCY:-1,64,256,512}" \
   --modes "${MODES:-whole,stream}" --max-tokens 128 --rounds "${ROUNDS:-3}" --repeat "${REPEAT:-1}" \
   --overhead-pairs "${PAIRS:-20}" --clients 8 --json "$OUT/bridge-$kind.json" \
