@@ -69,6 +69,8 @@ class AsyncMqtt:
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
         self._misc: asyncio.TimerHandle | None = None
+        self._flush: asyncio.Handle | None = None  # a write of paho's queue, this loop iteration
+        self._writer: Any = None  # the socket the loop watches for writing (it was full)
         self._lost = asyncio.Event()
         self._loop_thread = threading.get_ident()
         self._prior_socket_open = client.on_socket_open  # e.g. mqttclient's TCP_NODELAY
@@ -166,24 +168,45 @@ class AsyncMqtt:
         self._in_loop(self._unwatch, sock)
 
     def _unwatch(self, sock: Any) -> None:
+        if self._writer is sock:
+            self._writer = None
         with contextlib.suppress(Exception):
             self.loop.remove_reader(sock)
         with contextlib.suppress(Exception):
             self.loop.remove_writer(sock)
 
+    # Writing: paho calls register-write when it queues a packet while none is waiting, and
+    # unregister-write once its queue is empty (it keeps the flag, ``_registered_write``, and calls
+    # neither again until the other came). Packets queued on the loop are written by one flush at
+    # the end of the loop's current iteration, whatever their number; only when the socket is full
+    # (paho keeps the rest of its queue: ``want_write``) does the loop watch it for writing, until
+    # paho has written everything. A stream's parts thus cost a send each, not also two epoll_ctl
+    # and a wake-up.
     def _register_write(self, _c: mqtt.Client, _u: Any, sock: Any) -> None:
         self._in_loop(self._want_write, sock)
 
     def _want_write(self, sock: Any) -> None:
-        if sock.fileno() >= 0:
+        if self._flush is None and self._writer is None and sock.fileno() >= 0:
+            self._flush = self.loop.call_soon(self._flush_writes)
+
+    def _flush_writes(self) -> None:
+        self._flush = None
+        if self._writer is not None:
+            return  # the socket was full: the loop writes when it has room
+        self.client.loop_write()
+        sock = self.client.socket()
+        if sock is not None and self.client.want_write() and sock.fileno() >= 0:
             self.loop.add_writer(sock, self._writable)
+            self._writer = sock
 
     def _unregister_write(self, _c: mqtt.Client, _u: Any, sock: Any) -> None:
         self._in_loop(self._no_write, sock)
 
     def _no_write(self, sock: Any) -> None:
-        with contextlib.suppress(Exception):
-            self.loop.remove_writer(sock)
+        if self._writer is sock:
+            self._writer = None
+            with contextlib.suppress(Exception):
+                self.loop.remove_writer(sock)
 
     def _readable(self) -> None:
         self.client.loop_read()
