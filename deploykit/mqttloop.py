@@ -321,6 +321,23 @@ class MqttPublishError(Exception):
     """paho could not queue a packet (e.g. a topic it refuses), or a subscription was refused."""
 
 
+class PublishProperties(Properties):
+    """PUBLISH properties that paho packs once: it packs a message's properties at every publish
+    (walking all 27 property names, some 6 us), and a stream's parts share one object. Setting a
+    property drops the packed bytes; change lists (UserProperty) by setting them, not in place."""
+
+    def pack(self) -> bytes:
+        packed: bytes | None = self.__dict__.get("_packed")
+        if packed is None:
+            packed = super().pack()
+            object.__setattr__(self, "_packed", packed)
+        return packed
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        self.__dict__.pop("_packed", None)
+
+
 def publish_properties(
     *,
     correlation: bytes | None = None,
@@ -330,7 +347,7 @@ def publish_properties(
 ) -> Properties | None:
     if not (correlation or content_type or user_properties or response_topic):
         return None
-    props = Properties(PacketTypes.PUBLISH)
+    props = PublishProperties(PacketTypes.PUBLISH)
     if correlation is not None:
         props.CorrelationData = correlation
     if content_type:
