@@ -81,7 +81,9 @@ class AsyncMqtt:
         client.on_connect = self._paho_connect
         client.on_disconnect = self._paho_disconnect
         client.on_message = self._paho_message
-        client.on_publish = self._paho_publish
+        # on_publish only while a tracked publish waits for its PUBACK: paho calls it for every
+        # QoS 0 packet too, with a ReasonCode and a Properties built for the call (some 10 us)
+        client.on_publish = None
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -105,6 +107,7 @@ class AsyncMqtt:
             if not future.done():
                 future.cancel()
         self._pending.clear()
+        self.client.on_publish = None
 
     async def _run(self) -> None:
         delay = self._min
@@ -260,6 +263,8 @@ class AsyncMqtt:
 
     def _paho_publish(self, _c: mqtt.Client, _u: Any, mid: int, reason: Any, _p: Any) -> None:
         future = self._pending.pop(mid, None)
+        if not self._pending:
+            self.client.on_publish = None
         if future is not None and not future.done():
             code = int(getattr(reason, "value", 0) or 0)
             future.set_result(code)
@@ -286,6 +291,8 @@ class AsyncMqtt:
         if not track or qos == 0:
             return None
         future: asyncio.Future[int] = self.loop.create_future()
+        if not self._pending:
+            self.client.on_publish = self._paho_publish
         self._pending[info.mid] = future
         return future
 
