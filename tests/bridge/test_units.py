@@ -23,11 +23,13 @@ from deploykit.bridge.protocol import (
     parse_request,
     reply_topic_problem,
     session_id_problem,
+    stream_payload,
 )
 from deploykit.bridge.scheduler import FairScheduler
 from deploykit.bridge.sessions import PromptTooLong, SessionStore, Turn, trim_history
 from deploykit.errors import UsageError
 from deploykit.mqttclient import BrokerAddress, parse_broker_url, read_credentials
+from deploykit.mqttloop import publish_properties
 
 
 class Clock:
@@ -155,6 +157,37 @@ def test_payloads() -> None:
     assert err["error"] == {"code": "rate_limited", "message": "slow down", "retryable": True}
     err = json.loads(error_payload(routing, "invalid_request", "sessionId is required"))
     assert err["error"]["retryable"] is False
+
+
+def test_stream_payloads() -> None:
+    assert stream_payload(Routing("general/r", "text", "r1", "s1"), 3, "héllo") == "héllo".encode()
+    part = stream_payload(Routing("general/r", "json", "r1", "s1"), 3, "héllo\n")
+    assert json.loads(part) == {"requestId": "r1", "sessionId": "s1", "seq": 3, "delta": "héllo\n"}
+    assert "héllo".encode() in part  # UTF-8, not \u escapes
+
+
+def test_a_lone_surrogate_is_escaped_not_fatal() -> None:
+    routing = Routing("general/r", "json", "r1", "s1")
+    part = stream_payload(routing, 0, "a\ud800b")
+    assert b"\\ud800" in part and json.loads(part)["delta"] == "a\ud800b"
+    err = json.loads(error_payload(routing, "engine_error", "bad \udfff"))
+    assert err["error"]["message"] == "bad \udfff"
+
+
+def test_publish_properties_pack_once_and_again_after_a_change() -> None:
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    props = publish_properties(correlation=b"id", response_topic="a/b")
+    plain = Properties(PacketTypes.PUBLISH)
+    plain.CorrelationData = b"id"
+    plain.ResponseTopic = "a/b"
+    assert props is not None
+    assert props.pack() == plain.pack()
+    assert props.pack() is props.pack()  # packed once
+    props.UserProperty = ("k", "v")
+    plain.UserProperty = ("k", "v")
+    assert props.pack() == plain.pack()
 
 
 # ------------------------------------------------------------------------------ trimming

@@ -1,0 +1,70 @@
+"""AsyncMqtt's write path against a real Mosquitto, no engine: packets queued on the loop are
+written at the end of its iteration; beyond the socket's buffer the loop watches it for writing
+until paho's queue is empty; PUBACK futures resolve through it."""
+
+from __future__ import annotations
+
+import asyncio
+
+import uvloop
+
+from deploykit.mqttclient import make_client
+from deploykit.mqttloop import AsyncMqtt, publish_properties
+
+from .conftest import Broker
+
+
+def test_a_burst_beyond_the_socket_buffer_arrives_whole_and_in_order(broker: Broker) -> None:
+    count, size = 400, 65536  # 26 MB: far beyond a socket's send buffer
+
+    async def main() -> tuple[list[bytes], int, AsyncMqtt]:
+        loop = asyncio.get_running_loop()
+        received: list[bytes] = []
+        everything = asyncio.Event()
+        up = [asyncio.Event(), asyncio.Event()]
+
+        def on_message(msg: object) -> None:
+            received.append(msg.payload)  # type: ignore[attr-defined]
+            if len(received) == count + 1:
+                everything.set()
+
+        sub = AsyncMqtt(
+            loop,
+            make_client("mqttloop-sub"),
+            "127.0.0.1",
+            broker.port,
+            on_message=on_message,
+            on_connect=lambda _s: up[0].set(),
+        )
+        pub = AsyncMqtt(
+            loop,
+            make_client("mqttloop-pub"),
+            "127.0.0.1",
+            broker.port,
+            on_connect=lambda _s: up[1].set(),
+        )
+        sub.start()
+        pub.start()
+        await asyncio.wait_for(asyncio.gather(up[0].wait(), up[1].wait()), 10)
+        await sub.subscribe([("mqttloop/#", 0)])
+        props = publish_properties(correlation=b"c" * 16)
+        for i in range(count):
+            pub.publish(
+                "mqttloop/part", i.to_bytes(4, "big") * (size // 4), qos=0, properties=props
+            )
+        done = pub.publish("mqttloop/last", b"last", qos=1, properties=props, track=True)
+        assert done is not None
+        await asyncio.sleep(0)
+        assert pub.client.want_write(), "the burst should fill the socket"
+        code = await asyncio.wait_for(done, 30)
+        await asyncio.wait_for(everything.wait(), 30)
+        await pub.stop()
+        await sub.stop()
+        return received, code, pub
+
+    received, code, pub = uvloop.run(main())
+    assert code in (0, 16)
+    assert received[-1] == b"last"
+    assert [int.from_bytes(p[:4], "big") for p in received[:-1]] == list(range(count))
+    assert all(len(p) == size for p in received[:-1])
+    assert not pub.client.want_write()
