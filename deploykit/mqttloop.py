@@ -71,6 +71,7 @@ class AsyncMqtt:
         self._misc: asyncio.TimerHandle | None = None
         self._flush: asyncio.Handle | None = None  # a write of paho's queue, this loop iteration
         self._writer: Any = None  # the socket the loop watches for writing (it was full)
+        self._writing = False  # inside paho's loop_write (see _write)
         self._lost = asyncio.Event()
         self._loop_thread = threading.get_ident()
         self._prior_socket_open = client.on_socket_open  # e.g. mqttclient's TCP_NODELAY
@@ -196,7 +197,7 @@ class AsyncMqtt:
         self._flush = None
         if self._writer is not None:
             return  # the socket was full: the loop writes when it has room
-        self.client.loop_write()
+        self._write()
         sock = self.client.socket()
         if sock is not None and self.client.want_write() and sock.fileno() >= 0:
             self.loop.add_writer(sock, self._writable)
@@ -215,7 +216,19 @@ class AsyncMqtt:
         self.client.loop_read()
 
     def _writable(self) -> None:
-        self.client.loop_write()
+        self._write()
+
+    def _write(self) -> None:
+        """paho calls on_publish for each QoS 0 packet it writes, with the packet's message id,
+        from its id counter shared with QoS 1: after it wraps (65 536 ids; at thousands of stream
+        parts a second, within a minute) a part can carry the id of a reply still waiting for its
+        PUBACK. A call made while writing is therefore never taken for a PUBACK (those come from
+        reads)."""
+        self._writing = True
+        try:
+            self.client.loop_write()
+        finally:
+            self._writing = False
 
     def _tick(self) -> None:
         self._misc = None
@@ -262,6 +275,8 @@ class AsyncMqtt:
             log.exception("%s: message handler failed", self.name)
 
     def _paho_publish(self, _c: mqtt.Client, _u: Any, mid: int, reason: Any, _p: Any) -> None:
+        if self._writing:
+            return  # a QoS 0 packet went out (see _write), not a PUBACK
         future = self._pending.pop(mid, None)
         if not self._pending:
             self.client.on_publish = None

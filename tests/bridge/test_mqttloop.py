@@ -68,3 +68,37 @@ def test_a_burst_beyond_the_socket_buffer_arrives_whole_and_in_order(broker: Bro
     assert [int.from_bytes(p[:4], "big") for p in received[:-1]] == list(range(count))
     assert all(len(p) == size for p in received[:-1])
     assert not pub.client.want_write()
+
+
+def test_a_part_with_the_id_of_a_waiting_reply_does_not_settle_it(broker: Broker) -> None:
+    """paho numbers QoS 0 packets from the counter of QoS 1 ids and reports each written one to
+    on_publish; once the counter wraps, a stream part can carry the id of a reply still waiting
+    for its PUBACK. The counter is set back here so that the next part gets the reply's id at
+    once (paho's ``_last_mid``), instead of after 65 535 publishes."""
+
+    async def main() -> tuple[bool, int]:
+        loop = asyncio.get_running_loop()
+        up = asyncio.Event()
+        pub = AsyncMqtt(
+            loop,
+            make_client("mqttloop-wrap"),
+            "127.0.0.1",
+            broker.port,
+            on_connect=lambda _s: up.set(),
+        )
+        pub.start()
+        await asyncio.wait_for(up.wait(), 10)
+        reply = pub.publish("mqttloop/reply", b"reply", qos=1, track=True)
+        assert reply is not None
+        mid = max(pub._pending)  # the reply's id
+        pub.client._last_mid = mid - 1  # the next id paho hands out is the reply's again
+        pub.publish("mqttloop/part", b"part", qos=0)
+        await asyncio.sleep(0)  # the flush wrote both; a PUBACK needs another turn of the loop
+        early = reply.done()
+        code = await asyncio.wait_for(reply, 10)
+        await pub.stop()
+        return early, code
+
+    early, code = uvloop.run(main())
+    assert not early, "a written QoS 0 part settled the reply before its PUBACK"
+    assert code in (0, 16)  # 16: no subscriber
