@@ -9,7 +9,8 @@ other), with its range.
 
     python3 benchmarks/gpu/summarize.py benchmarks/results/h200-run3
 
-Given several folders, it pools them instead: per model and concurrency, the median of every
+A run that measured several bridges (BRIDGES) gets a table per bridge, each against the same
+direct runs. Given several folders, it pools them instead: per model and concurrency, the median of every
 run's MQTT/direct ratio over all the folders, with their range and count (the engine's own rate
 moves between runs, so one run's ratio settles little), and the median bridge CPU per request.
 
@@ -28,11 +29,21 @@ from typing import Any
 Cells = dict[tuple[str, bool, int], list[dict[str, Any]]]
 
 
-def load(folder: Path, model: str) -> tuple[Cells, dict[int, float], list[str]]:
+def labels(folder: Path, model: str) -> list[str]:
+    """The bridges measured (several when BRIDGES named them)."""
+    data = json.loads((folder / f"bridge-{model}.json").read_text())
+    return sorted({c["label"] for c in data["cells"] if c["path"] == "mqtt"})
+
+
+def load(
+    folder: Path, model: str, label: str | None = None
+) -> tuple[Cells, dict[int, float], list[str]]:
+    """The cells of one run; with ``label``, the MQTT cells of that bridge only."""
     data = json.loads((folder / f"bridge-{model}.json").read_text())
     cells: Cells = defaultdict(list)
     for c in data["cells"]:
-        cells[(c["path"], c["stream"], c["concurrency"])].append(c)
+        if label is None or c["path"] != "mqtt" or c["label"] == label:
+            cells[(c["path"], c["stream"], c["concurrency"])].append(c)
     ceiling = {}
     for c in (64, 256, 512):
         path = folder / f"vllm-bench-{model}-c{c}.json"
@@ -53,8 +64,8 @@ def med(runs: list[dict[str, Any]], key: str) -> float | None:
     return statistics.median(values) if values else None
 
 
-def table(folder: Path, model: str) -> str:
-    cells, ceiling, overhead = load(folder, model)
+def table(folder: Path, model: str, label: str | None = None) -> str:
+    cells, ceiling, overhead = load(folder, model, label)
     rows = [
         "| conc. | runs | ceiling req/s (vllm bench) | whole: direct / MQTT req/s | MQTT/direct "
         "| MQTT/ceiling | stream: direct / MQTT req/s | MQTT/direct | MQTT/ceiling "
@@ -112,6 +123,8 @@ def pooled(folders: list[Path], model: str) -> str:
         for folder in folders:
             if not (folder / f"bridge-{model}.json").is_file():
                 continue
+            if len(labels(folder, model)) > 1:
+                raise SystemExit(f"{folder}: a run of several bridges; pool runs of one bridge")
             cells = load(folder, model)[0]
             dw, mw = cells.get(("direct", False, c), []), cells.get(("mqtt", False, c), [])
             ds, ms = cells.get(("direct", True, c), []), cells.get(("mqtt", True, c), [])
@@ -133,4 +146,7 @@ if __name__ == "__main__":
         if len(folders) > 1:
             print(f"### {model}, pooled over {len(folders)} runs\n\n{pooled(folders, model)}\n")
         elif (folders[0] / f"bridge-{model}.json").is_file():
-            print(f"### {model}\n\n{table(folders[0], model)}\n")
+            bridges = labels(folders[0], model)
+            for label in bridges:
+                title = f"{model}, bridge {label!r}" if len(bridges) > 1 else model
+                print(f"### {title}\n\n{table(folders[0], model, label)}\n")
