@@ -83,7 +83,7 @@ class AsyncMqtt:
         client.on_disconnect = self._paho_disconnect
         client.on_message = self._paho_message
         # on_publish only while a tracked publish waits for its PUBACK: paho calls it for every
-        # QoS 0 packet too, with a ReasonCode and a Properties built for the call (some 10 us)
+        # QoS 0 packet too, with a ReasonCode and a Properties built for the call
         client.on_publish = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -345,7 +345,7 @@ class MqttPublishError(Exception):
 
 class PublishProperties(Properties):
     """PUBLISH properties that paho packs once: it packs a message's properties at every publish
-    (walking all 27 property names, some 6 us), and a stream's parts share one object. Setting a
+    (walking all 27 property names), and a stream's parts share one object. Setting a
     property drops the packed bytes; change lists (UserProperty) by setting them, not in place."""
 
     def pack(self) -> bytes:
