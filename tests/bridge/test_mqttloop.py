@@ -5,6 +5,9 @@ until paho's queue is empty; PUBACK futures resolve through it."""
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+from collections.abc import Callable
 
 import uvloop
 
@@ -14,8 +17,15 @@ from deploykit.mqttloop import AsyncMqtt, publish_properties
 from .conftest import Broker
 
 
-def test_a_burst_beyond_the_socket_buffer_arrives_whole_and_in_order(broker: Broker) -> None:
-    count, size = 400, 65536  # 26 MB: far beyond a socket's send buffer
+def test_a_burst_beyond_the_socket_buffer_arrives_whole_and_in_order(
+    broker_factory: Callable[[], Broker],
+) -> None:
+    """The broker is stopped (SIGSTOP) while the burst is queued, so that the socket fills
+    whatever the machine's speed: a running broker may read as fast as paho writes."""
+    count, size = 400, 65536  # 26 MB: beyond a socket's send buffer and the peer's receive buffer
+    broker = broker_factory()
+    assert broker.proc is not None
+    pid = broker.proc.pid
 
     async def main() -> tuple[list[bytes], int, AsyncMqtt]:
         loop = asyncio.get_running_loop()
@@ -48,14 +58,18 @@ def test_a_burst_beyond_the_socket_buffer_arrives_whole_and_in_order(broker: Bro
         await asyncio.wait_for(asyncio.gather(up[0].wait(), up[1].wait()), 10)
         await sub.subscribe([("mqttloop/#", 0)])
         props = publish_properties(correlation=b"c" * 16)
-        for i in range(count):
-            pub.publish(
-                "mqttloop/part", i.to_bytes(4, "big") * (size // 4), qos=0, properties=props
-            )
-        done = pub.publish("mqttloop/last", b"last", qos=1, properties=props, track=True)
-        assert done is not None
-        await asyncio.sleep(0)
-        assert pub.client.want_write(), "the burst should fill the socket"
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            for i in range(count):
+                pub.publish(
+                    "mqttloop/part", i.to_bytes(4, "big") * (size // 4), qos=0, properties=props
+                )
+            done = pub.publish("mqttloop/last", b"last", qos=1, properties=props, track=True)
+            assert done is not None
+            await asyncio.sleep(0)
+            assert pub.client.want_write(), "the burst should fill the socket"
+        finally:
+            os.kill(pid, signal.SIGCONT)
         code = await asyncio.wait_for(done, 30)
         await asyncio.wait_for(everything.wait(), 30)
         await pub.stop()
