@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -72,6 +73,7 @@ class AsyncMqtt:
         self._flush: asyncio.Handle | None = None  # a write of paho's queue, this loop iteration
         self._writer: Any = None  # the socket the loop watches for writing (it was full)
         self._writing = False  # inside paho's loop_write (see _write)
+        self._corkable = False  # the socket is TCP and the system has TCP_CORK (see _write)
         self._lost = asyncio.Event()
         self._loop_thread = threading.get_ident()
         self._prior_socket_open = client.on_socket_open  # e.g. mqttclient's TCP_NODELAY
@@ -164,6 +166,7 @@ class AsyncMqtt:
     def _watch(self, sock: Any) -> None:
         if sock.fileno() < 0:
             return
+        self._corkable = _CORK is not None and getattr(sock, "family", None) in _TCP
         self.loop.add_reader(sock, self._readable)
         if self._misc is None:
             self._misc = self.loop.call_later(1.0, self._tick)
@@ -185,7 +188,7 @@ class AsyncMqtt:
     # the end of the loop's current iteration, whatever their number; only when the socket is full
     # (paho keeps the rest of its queue: ``want_write``) does the loop watch it for writing, until
     # paho has written everything. A stream's parts thus cost a send each, not also two epoll_ctl
-    # and a wake-up.
+    # and a wake-up, and the sends of one flush leave the socket together (_set_cork).
     def _register_write(self, _c: mqtt.Client, _u: Any, sock: Any) -> None:
         self._in_loop(self._want_write, sock)
 
@@ -225,10 +228,14 @@ class AsyncMqtt:
         PUBACK. A call made while writing is therefore never taken for a PUBACK (those come from
         reads)."""
         self._writing = True
+        sock = self.client.socket() if self._corkable else None
+        corked = sock is not None and _set_cork(sock, 1)
         try:
             self.client.loop_write()
         finally:
             self._writing = False
+            if corked:
+                _set_cork(sock, 0)
 
     def _tick(self) -> None:
         self._misc = None
@@ -337,6 +344,24 @@ class AsyncMqtt:
         refused = [str(c) for c in codes if getattr(c, "is_failure", False)]
         if refused:
             raise MqttPublishError(f"subscription refused: {', '.join(refused)}")
+
+
+#: Linux's TCP_CORK (None elsewhere), and the socket families it applies to.
+_CORK: int | None = getattr(socket, "TCP_CORK", None)
+_TCP = (socket.AF_INET, socket.AF_INET6)
+
+
+def _set_cork(sock: Any, on: int) -> bool:
+    """paho sends each queued packet with its own ``send``, and with Nagle off (mqttclient) each
+    would leave as a segment of its own, the sender paying the network path (on loopback the
+    receiver's too) for every stream part. Corked while paho writes its queue, the packets of one
+    flush leave together when the cork comes off. Elsewhere than Linux, or on a socket that is not
+    TCP, they go out one by one as before."""
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, _CORK, on)
+    except OSError:  # closed under us: paho sees it on its next read or write
+        return False
+    return True
 
 
 class MqttPublishError(Exception):

@@ -1,14 +1,18 @@
 """AsyncMqtt's write path against a real Mosquitto, no engine: packets queued on the loop are
-written at the end of its iteration; beyond the socket's buffer the loop watches it for writing
-until paho's queue is empty; PUBACK futures resolve through it."""
+written at the end of its iteration, corked, so that they leave together; beyond the socket's
+buffer the loop watches it for writing until paho's queue is empty; PUBACK futures resolve
+through it."""
 
 from __future__ import annotations
 
 import asyncio
 import os
 import signal
+import socket
+import struct
 from collections.abc import Callable
 
+import pytest
 import uvloop
 
 from deploykit.mqttclient import make_client
@@ -116,3 +120,44 @@ def test_a_part_with_the_id_of_a_waiting_reply_does_not_settle_it(broker: Broker
     early, code = uvloop.run(main())
     assert not early, "a written QoS 0 part settled the reply before its PUBACK"
     assert code in (0, 16)  # 16: no subscriber
+
+
+def _segments_sent(sock: socket.socket) -> int:
+    """``tcpi_segs_out`` of Linux's ``struct tcp_info`` (linux/tcp.h; offset 136, since 4.2)."""
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 144)
+    return int(struct.unpack_from("I", info, 136)[0])
+
+
+@pytest.mark.skipif(not hasattr(socket, "TCP_CORK"), reason="TCP_CORK is Linux's")
+def test_the_packets_of_one_flush_leave_in_few_segments(broker: Broker) -> None:
+    """paho sends each packet with its own send(); with Nagle off each would be a TCP segment of
+    its own. The flush corks the socket, so a hundred stream parts queued in one turn of the loop
+    leave together (a few 64 KiB loopback segments at most, not a hundred)."""
+    parts = 100
+
+    async def main() -> int:
+        loop = asyncio.get_running_loop()
+        up = asyncio.Event()
+        pub = AsyncMqtt(
+            loop,
+            make_client("mqttloop-cork"),
+            "127.0.0.1",
+            broker.port,
+            on_connect=lambda _s: up.set(),
+        )
+        pub.start()
+        await asyncio.wait_for(up.wait(), 10)
+        sock = pub.client.socket()
+        assert isinstance(sock, socket.socket)
+        before = _segments_sent(sock)
+        props = publish_properties(correlation=b"c" * 16)
+        for i in range(parts):
+            pub.publish("mqttloop/part", b"%d" % i * 20, qos=0, properties=props)
+        await asyncio.sleep(0.05)  # the flush ran at the end of the loop's turn
+        sent = _segments_sent(sock) - before
+        assert not pub.client.want_write()
+        await pub.stop()
+        return sent
+
+    sent = uvloop.run(main())
+    assert sent <= 5, f"{parts} parts of one flush left in {sent} segments"
