@@ -443,7 +443,14 @@ def parse_bridges(items: list[str]) -> list[tuple[str, Path]]:
     return out
 
 
+def _terminate(_signum: int, _frame: object) -> None:
+    """SIGTERM (``kill``, ``timeout``) ends a run as Ctrl-C does, so that the engine, the broker
+    and the bridges it started are stopped instead of left running."""
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
+    signal.signal(signal.SIGTERM, _terminate)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", type=Path, help="model directory: start vLLM on it")
     p.add_argument("--engine", help="use a running engine (http://HOST:PORT) instead")
