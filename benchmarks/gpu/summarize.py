@@ -15,6 +15,9 @@ run's MQTT/direct ratio over all the folders, with their range and count (the en
 moves between runs, so one run's ratio settles little), and the median bridge CPU per request.
 
     python3 benchmarks/gpu/summarize.py benchmarks/results/h200-run3 benchmarks/results/h200-run5
+
+A run of several bridges takes part in a pool with one of them, named after a colon:
+``benchmarks/results/h200-run7:new``.
 """
 
 from __future__ import annotations
@@ -109,7 +112,7 @@ def spread(values: list[float]) -> str:
     return f"{statistics.median(values):.2f} ({values[0]:.2f} to {values[-1]:.2f}, n={len(values)})"
 
 
-def pooled(folders: list[Path], model: str) -> str:
+def pooled(runs: list[tuple[Path, str | None]], model: str) -> str:
     rows = [
         "| conc. | whole MQTT/direct | stream MQTT/direct | bridge CPU/req whole / stream | errors |",
         "|---|---|---|---|---|",
@@ -120,12 +123,18 @@ def pooled(folders: list[Path], model: str) -> str:
         cpu_w: list[float] = []
         cpu_s: list[float] = []
         errors = 0
-        for folder in folders:
+        for folder, label in runs:
             if not (folder / f"bridge-{model}.json").is_file():
                 continue
-            if len(labels(folder, model)) > 1:
-                raise SystemExit(f"{folder}: a run of several bridges; pool runs of one bridge")
-            cells = load(folder, model)[0]
+            found = labels(folder, model)
+            if label is None and len(found) > 1:
+                raise SystemExit(
+                    f"{folder}: a run of {len(found)} bridges ({', '.join(found)}); name the one "
+                    f"to pool: {folder}:{found[0]}"
+                )
+            if label is not None and label not in found:
+                raise SystemExit(f"{folder}: no bridge {label!r} (it has {', '.join(found)})")
+            cells = load(folder, model, label)[0]
             dw, mw = cells.get(("direct", False, c), []), cells.get(("mqtt", False, c), [])
             ds, ms = cells.get(("direct", True, c), []), cells.get(("mqtt", True, c), [])
             whole += run_ratios(dw, mw)
@@ -140,11 +149,20 @@ def pooled(folders: list[Path], model: str) -> str:
     return "\n".join(rows)
 
 
+def run_arg(arg: str) -> tuple[Path, str | None]:
+    """``FOLDER`` or ``FOLDER:BRIDGE``."""
+    folder, sep, label = arg.rpartition(":")
+    if sep and label and "/" not in label:
+        return Path(folder), label
+    return Path(arg), None
+
+
 if __name__ == "__main__":
-    folders = [Path(a) for a in sys.argv[1:]]
+    runs = [run_arg(a) for a in sys.argv[1:]]
+    folders = [folder for folder, _ in runs]
     for model in ("bench", "8b"):
-        if len(folders) > 1:
-            print(f"### {model}, pooled over {len(folders)} runs\n\n{pooled(folders, model)}\n")
+        if len(runs) > 1:
+            print(f"### {model}, pooled over {len(runs)} runs\n\n{pooled(runs, model)}\n")
         elif (folders[0] / f"bridge-{model}.json").is_file():
             bridges = labels(folders[0], model)
             for label in bridges:
