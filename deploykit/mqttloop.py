@@ -304,8 +304,21 @@ class AsyncMqtt:
     ) -> asyncio.Future[int] | None:
         """Queue a publish. With ``track`` the future resolves at the broker's PUBACK with its
         reason code (0 success, 16 no matching subscribers, >= 128 refused); paho resends an
-        unacknowledged QoS 1 publish after a reconnect, so the future waits across it."""
+        unacknowledged QoS 1 publish after a reconnect, so the future waits across it.
+
+        paho numbers QoS 0 packets and QoS 1 messages from one 16-bit counter and refuses a QoS 1
+        message whose number is still held by one waiting for its PUBACK (``MQTT_ERR_QUEUE_SIZE``;
+        its other cause, ``max_queued_messages``, is never set here). After the counter wraps (a
+        reply left waiting while 65 535 stream parts went out: a broker stalled for seconds under
+        load) that can happen to a reply; each try takes the next number, so it is tried again
+        until a free one comes (at most once per number)."""
         info = self.client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
+        tries = 1
+        while info.rc == mqtt.MQTT_ERR_QUEUE_SIZE and qos > 0 and tries < _MESSAGE_IDS:
+            info = self.client.publish(
+                topic, payload, qos=qos, retain=retain, properties=properties
+            )
+            tries += 1
         if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
             raise MqttPublishError(
                 f"cannot queue a message on {topic!r}: {mqtt.error_string(info.rc)}"
@@ -345,6 +358,9 @@ class AsyncMqtt:
         if refused:
             raise MqttPublishError(f"subscription refused: {', '.join(refused)}")
 
+
+#: The message ids of MQTT (1 to 65 535), which paho hands out in turn.
+_MESSAGE_IDS = 65535
 
 #: Linux's TCP_CORK (None elsewhere), and the socket families it applies to.
 _CORK: int | None = getattr(socket, "TCP_CORK", None)

@@ -161,3 +161,57 @@ def test_the_packets_of_one_flush_leave_in_few_segments(broker: Broker) -> None:
 
     sent = uvloop.run(main())
     assert sent <= 5, f"{parts} parts of one flush left in {sent} segments"
+
+
+def test_a_reply_that_draws_a_taken_id_is_published_under_the_next(broker: Broker) -> None:
+    """After paho's id counter wraps, a reply can draw the id of one still waiting for its
+    PUBACK; paho refuses it (MQTT_ERR_QUEUE_SIZE), and the bridge dropped the reply. The counter
+    is set back here (paho's ``_last_mid``) so that the second reply draws the first one's id
+    while that one still waits: both are queued in one step of the loop, before any PUBACK."""
+
+    async def main() -> tuple[list[int], list[bytes]]:
+        loop = asyncio.get_running_loop()
+        received: list[bytes] = []
+        both = asyncio.Event()
+        up = [asyncio.Event(), asyncio.Event()]
+
+        def on_message(msg: object) -> None:
+            received.append(msg.payload)  # type: ignore[attr-defined]
+            if len(received) == 2:
+                both.set()
+
+        sub = AsyncMqtt(
+            loop,
+            make_client("mqttloop-ids-sub"),
+            "127.0.0.1",
+            broker.port,
+            on_message=on_message,
+            on_connect=lambda _s: up[0].set(),
+        )
+        pub = AsyncMqtt(
+            loop,
+            make_client("mqttloop-ids"),
+            "127.0.0.1",
+            broker.port,
+            on_connect=lambda _s: up[1].set(),
+        )
+        sub.start()
+        pub.start()
+        await asyncio.wait_for(asyncio.gather(up[0].wait(), up[1].wait()), 10)
+        await sub.subscribe([("mqttloop/ids", 1)])
+        first = pub.publish("mqttloop/ids", b"first", qos=1, track=True)
+        assert first is not None
+        taken = max(pub._pending)
+        pub.client._last_mid = taken - 1  # the next id paho hands out is the waiting reply's
+        second = pub.publish("mqttloop/ids", b"second", qos=1, track=True)
+        assert second is not None
+        assert taken in pub._pending and len(pub._pending) == 2
+        codes = await asyncio.wait_for(asyncio.gather(first, second), 10)
+        await asyncio.wait_for(both.wait(), 10)
+        await pub.stop()
+        await sub.stop()
+        return list(codes), received
+
+    codes, received = uvloop.run(main())
+    assert codes == [0, 0]
+    assert sorted(received) == [b"first", b"second"]
