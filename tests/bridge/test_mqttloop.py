@@ -21,6 +21,24 @@ from deploykit.mqttloop import AsyncMqtt, publish_properties
 from .conftest import Broker
 
 
+async def _connected(
+    broker: Broker, name: str, on_message: Callable[[object], None] | None = None
+) -> AsyncMqtt:
+    """An AsyncMqtt on the running loop, connected to ``broker``."""
+    up = asyncio.Event()
+    client = AsyncMqtt(
+        asyncio.get_running_loop(),
+        make_client(name),
+        "127.0.0.1",
+        broker.port,
+        on_message=on_message,
+        on_connect=lambda _s: up.set(),
+    )
+    client.start()
+    await asyncio.wait_for(up.wait(), 10)
+    return client
+
+
 def test_a_burst_beyond_the_socket_buffer_arrives_whole_and_in_order(
     broker_factory: Callable[[], Broker],
 ) -> None:
@@ -32,34 +50,16 @@ def test_a_burst_beyond_the_socket_buffer_arrives_whole_and_in_order(
     pid = broker.proc.pid
 
     async def main() -> tuple[list[bytes], int, AsyncMqtt]:
-        loop = asyncio.get_running_loop()
         received: list[bytes] = []
         everything = asyncio.Event()
-        up = [asyncio.Event(), asyncio.Event()]
 
         def on_message(msg: object) -> None:
             received.append(msg.payload)  # type: ignore[attr-defined]
             if len(received) == count + 1:
                 everything.set()
 
-        sub = AsyncMqtt(
-            loop,
-            make_client("mqttloop-sub"),
-            "127.0.0.1",
-            broker.port,
-            on_message=on_message,
-            on_connect=lambda _s: up[0].set(),
-        )
-        pub = AsyncMqtt(
-            loop,
-            make_client("mqttloop-pub"),
-            "127.0.0.1",
-            broker.port,
-            on_connect=lambda _s: up[1].set(),
-        )
-        sub.start()
-        pub.start()
-        await asyncio.wait_for(asyncio.gather(up[0].wait(), up[1].wait()), 10)
+        sub = await _connected(broker, "mqttloop-sub", on_message)
+        pub = await _connected(broker, "mqttloop-pub")
         await sub.subscribe([("mqttloop/#", 0)])
         props = publish_properties(correlation=b"c" * 16)
         os.kill(pid, signal.SIGSTOP)
@@ -95,17 +95,7 @@ def test_a_part_with_the_id_of_a_waiting_reply_does_not_settle_it(broker: Broker
     once (paho's ``_last_mid``), instead of after 65 535 publishes."""
 
     async def main() -> tuple[bool, int]:
-        loop = asyncio.get_running_loop()
-        up = asyncio.Event()
-        pub = AsyncMqtt(
-            loop,
-            make_client("mqttloop-wrap"),
-            "127.0.0.1",
-            broker.port,
-            on_connect=lambda _s: up.set(),
-        )
-        pub.start()
-        await asyncio.wait_for(up.wait(), 10)
+        pub = await _connected(broker, "mqttloop-wrap")
         reply = pub.publish("mqttloop/reply", b"reply", qos=1, track=True)
         assert reply is not None
         mid = max(pub._pending)  # the reply's id
@@ -136,17 +126,7 @@ def test_the_packets_of_one_flush_leave_in_few_segments(broker: Broker) -> None:
     parts = 100
 
     async def main() -> int:
-        loop = asyncio.get_running_loop()
-        up = asyncio.Event()
-        pub = AsyncMqtt(
-            loop,
-            make_client("mqttloop-cork"),
-            "127.0.0.1",
-            broker.port,
-            on_connect=lambda _s: up.set(),
-        )
-        pub.start()
-        await asyncio.wait_for(up.wait(), 10)
+        pub = await _connected(broker, "mqttloop-cork")
         sock = pub.client.socket()
         assert isinstance(sock, socket.socket)
         before = _segments_sent(sock)
@@ -170,34 +150,16 @@ def test_a_reply_that_draws_a_taken_id_is_published_under_the_next(broker: Broke
     while that one still waits: both are queued in one step of the loop, before any PUBACK."""
 
     async def main() -> tuple[list[int], list[bytes]]:
-        loop = asyncio.get_running_loop()
         received: list[bytes] = []
         both = asyncio.Event()
-        up = [asyncio.Event(), asyncio.Event()]
 
         def on_message(msg: object) -> None:
             received.append(msg.payload)  # type: ignore[attr-defined]
             if len(received) == 2:
                 both.set()
 
-        sub = AsyncMqtt(
-            loop,
-            make_client("mqttloop-ids-sub"),
-            "127.0.0.1",
-            broker.port,
-            on_message=on_message,
-            on_connect=lambda _s: up[0].set(),
-        )
-        pub = AsyncMqtt(
-            loop,
-            make_client("mqttloop-ids"),
-            "127.0.0.1",
-            broker.port,
-            on_connect=lambda _s: up[1].set(),
-        )
-        sub.start()
-        pub.start()
-        await asyncio.wait_for(asyncio.gather(up[0].wait(), up[1].wait()), 10)
+        sub = await _connected(broker, "mqttloop-ids-sub", on_message)
+        pub = await _connected(broker, "mqttloop-ids")
         await sub.subscribe([("mqttloop/ids", 1)])
         first = pub.publish("mqttloop/ids", b"first", qos=1, track=True)
         assert first is not None
