@@ -309,9 +309,9 @@ class AsyncMqtt:
         paho numbers QoS 0 packets and QoS 1 messages from one 16-bit counter and refuses a QoS 1
         message whose number is still held by one waiting for its PUBACK (``MQTT_ERR_QUEUE_SIZE``;
         its other cause, ``max_queued_messages``, is never set here). After the counter wraps (a
-        reply left waiting while 65 535 stream parts went out: a broker stalled for seconds under
-        load) that can happen to a reply; each try takes the next number, so it is tried again
-        until a free one comes (at most once per number)."""
+        reply still waiting for its PUBACK while 65 535 more messages were queued: a broker slow to
+        answer for seconds under streaming load) that can happen to a reply; each try takes the
+        next number, so it is tried again until a free one comes (at most once per number)."""
         info = self.client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
         tries = 1
         while info.rc == mqtt.MQTT_ERR_QUEUE_SIZE and qos > 0 and tries < _MESSAGE_IDS:
