@@ -52,7 +52,7 @@ from typing import Any
 
 import yaml
 
-from deploykit import loadgen
+from deploykit import interrupts, loadgen
 from deploykit.mqttclient import parse_broker_url
 
 REPO = Path(__file__).resolve().parents[1]
@@ -117,7 +117,7 @@ def bridge_config(
     def only_known(section: dict[str, Any]) -> dict[str, Any]:
         return {k: v for k, v in section.items() if f"{k}:" in known}
 
-    config = {
+    config: dict[str, dict[str, Any]] = {
         "defaults": {
             "default_max_tokens": max_tokens,
             "max_max_tokens": max(max_tokens, 4096),
@@ -163,6 +163,14 @@ class Stack:
     broker_pid: int | None = None
     bridges: list[BridgeUnderTest] = field(default_factory=list)
 
+    def spawn(self, cmd: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
+        """Start a process in its own session, which ``stop`` ends; Ctrl-C and SIGTERM wait until
+        it is in ``procs`` (an interrupt in between would leave it running)."""
+        with interrupts.held():
+            proc = subprocess.Popen(cmd, start_new_session=True, **kwargs)
+            self.procs.append(proc)
+        return proc
+
     def start_engine_and_broker(self) -> None:
         a = self.args
         self.engine = a.engine
@@ -176,10 +184,7 @@ class Stack:
                 "--dtype", "bfloat16", "--enforce-eager", "--max-num-seqs", str(a.max_num_seqs),
                 "--kv-cache-memory-bytes", str(2 << 30), "--disable-log-stats",
             ]  # fmt: skip
-            proc = subprocess.Popen(
-                cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-            )
-            self.procs.append(proc)
+            proc = self.spawn(cmd, stdout=log, stderr=subprocess.STDOUT)
             self.engine = f"http://127.0.0.1:{port}"
             print(f"starting vLLM ({a.model}); log {self.tmp / 'vllm.log'}", file=sys.stderr)
             wait_http(self.engine + "/v1/models", 600, proc)
@@ -192,13 +197,11 @@ class Stack:
                 f"user {pwd.getpwuid(os.getuid()).pw_name}\nmax_queued_messages 100000\n"
                 "set_tcp_nodelay true\n"
             )
-            proc = subprocess.Popen(
+            proc = self.spawn(
                 [a.mosquitto, "-c", str(conf)],
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
-                start_new_session=True,
             )
-            self.procs.append(proc)
             self.broker_pid = proc.pid
             self.broker = f"mqtt://127.0.0.1:{port}"
             time.sleep(0.5)
@@ -228,14 +231,12 @@ class Stack:
             "DEPLOYKIT_HTTP_PORT": str(http_port),
             "DEPLOYKIT_LOG_LEVEL": "WARNING",
         }
-        b.proc = subprocess.Popen(
+        b.proc = self.spawn(
             [sys.executable, "-m", "deploykit.bridge"],
             env=env,
             cwd=b.source,
             stderr=open(b.log, "wb"),  # noqa: SIM115
-            start_new_session=True,
         )
-        self.procs.append(b.proc)
         b.health = f"http://127.0.0.1:{http_port}/health"
         wait_http(b.health, 60, b.proc)
 
