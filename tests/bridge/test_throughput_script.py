@@ -16,19 +16,15 @@ SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bridge_throughput
 
 
 def _children(pid: int) -> dict[int, str]:
-    """The processes whose parent is ``pid``, with their command lines (from /proc)."""
+    """The processes ``pid`` started from its main thread, with their command lines (Linux's
+    /proc/PID/task/PID/children)."""
     found: dict[int, str] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
+    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
         try:
-            stat = (entry / "stat").read_text()
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
         except OSError:
             continue
-        # the fields after the command name, which may hold spaces and parentheses
-        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-            found[int(entry.name)] = cmdline
+        found[int(child)] = cmdline.replace(b"\0", b" ").decode()
     return found
 
 
@@ -91,8 +87,8 @@ def test_sigterm_stops_what_the_run_started(engine: Engine, tmp_path: Path) -> N
         # its own broker, then the bridge under test
         wait_until(
             lambda: (
-                any("deploykit.bridge" in c for c in _children(proc.pid).values())
-                or proc.poll() is not None
+                proc.poll() is not None
+                or any("deploykit.bridge" in c for c in _children(proc.pid).values())
             ),
             60,
             "the bridge under test to start",
